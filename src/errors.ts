@@ -1,0 +1,111 @@
+/**
+ * pg-heartbeat's errors: one base class with a `cause`, and a few subclasses a
+ * caller can branch on. Database errors are mapped from their SQLSTATE (or the
+ * socket error code) by {@link toHeartbeatError}.
+ */
+export class HeartbeatError extends Error {
+  override readonly name: string = 'HeartbeatError';
+  /** A stable, machine-readable code (for example `INVALID_UPDATE`). */
+  readonly code: string;
+
+  constructor(message: string, options: { code?: string; cause?: unknown } = {}) {
+    super(message, options.cause === undefined ? undefined : { cause: options.cause });
+    this.code = options.code ?? 'HEARTBEAT_ERROR';
+  }
+}
+
+/** An update or disconnect was rejected before reaching the database; nothing of it was kept. */
+export class InvalidUpdateError extends HeartbeatError {
+  override readonly name = 'InvalidUpdateError';
+  /** The offending field, e.g. `agentId` or `updatedAt`. */
+  readonly field: string;
+
+  constructor(field: string, message: string) {
+    super(`invalid heartbeat update: ${field} ${message}`, { code: 'INVALID_UPDATE' });
+    this.field = field;
+  }
+}
+
+/** The stager (or merger) was closed; it accepts no more work. */
+export class ClosedError extends HeartbeatError {
+  override readonly name = 'ClosedError';
+
+  constructor(what: string) {
+    super(`${what} is closed`, { code: 'CLOSED' });
+  }
+}
+
+/** A failure reported by PostgreSQL or the connection to it. */
+export class DatabaseError extends HeartbeatError {
+  override readonly name: string = 'DatabaseError';
+  /** The SQLSTATE, or the socket error code (e.g. ECONNREFUSED), when known. */
+  readonly sqlState: string | undefined;
+
+  constructor(message: string, options: { code?: string; sqlState?: string | undefined; cause?: unknown } = {}) {
+    super(message, { code: options.code ?? 'DATABASE_ERROR', cause: options.cause });
+    this.sqlState = options.sqlState;
+  }
+}
+
+/** The database could not be reached, or the connection broke (class 08, 57P0x, socket errors). */
+export class ConnectionError extends DatabaseError {
+  override readonly name = 'ConnectionError';
+}
+
+/** pg-heartbeat's schema or functions are missing: run the migrations (`pg-heartbeat migrate`). */
+export class MigrationsMissingError extends DatabaseError {
+  override readonly name = 'MigrationsMissingError';
+}
+
+/** The role lacks a privilege (42501); grant it `heartbeat_writer`. */
+export class PermissionDeniedError extends DatabaseError {
+  override readonly name = 'PermissionDeniedError';
+}
+
+/** statement_timeout (57014) or lock_timeout (55P03) was hit, or an operation ran out of time. */
+export class TimeoutError extends DatabaseError {
+  override readonly name = 'TimeoutError';
+}
+
+const CONNECTION_CODES = new Set([
+  'ECONNREFUSED', 'ECONNRESET', 'EPIPE', 'ETIMEDOUT', 'ENOTFOUND', 'EAI_AGAIN', 'EHOSTUNREACH', 'ENETUNREACH',
+]);
+
+function describe(err: unknown): string {
+  if (err instanceof Error && err.message) return err.message;
+  if (err instanceof AggregateError) return err.errors.map(describe).join('; ');
+  return String(err);
+}
+
+/**
+ * Maps anything thrown by `pg` (or a socket) to a {@link HeartbeatError}.
+ * `doing` names the operation, e.g. `"COPY into staging"`.
+ */
+export function toHeartbeatError(err: unknown, doing: string): HeartbeatError {
+  if (err instanceof HeartbeatError) return err;
+  const e = err as { code?: unknown; message?: unknown } | null;
+  const code = typeof e?.code === 'string' ? e.code : undefined;
+  const text = `${doing} failed: ${describe(err) || code || 'unknown error'}`;
+  if (code === undefined) {
+    // pg reports a closed connection without a code
+    if (/terminat|Connection|connect/i.test(describe(err))) return new ConnectionError(text, { code: 'CONNECTION', cause: err });
+    return new DatabaseError(text, { cause: err });
+  }
+  if (CONNECTION_CODES.has(code) || code.startsWith('08') || code.startsWith('57P0') || code === '53300') {
+    return new ConnectionError(text, { code: 'CONNECTION', sqlState: code, cause: err });
+  }
+  if (code === '42P01' || code === '42883' || code === '3F000') {
+    return new MigrationsMissingError(`${text} (run the migrations: pg-heartbeat migrate)`, {
+      code: 'MIGRATIONS_MISSING', sqlState: code, cause: err,
+    });
+  }
+  if (code === '42501') {
+    return new PermissionDeniedError(`${text} (grant the role heartbeat_writer)`, {
+      code: 'PERMISSION_DENIED', sqlState: code, cause: err,
+    });
+  }
+  if (code === '57014' || code === '55P03') {
+    return new TimeoutError(text, { code: 'TIMEOUT', sqlState: code, cause: err });
+  }
+  return new DatabaseError(text, { sqlState: code, cause: err });
+}

@@ -1,0 +1,60 @@
+import { join } from 'node:path';
+import { runner } from 'node-pg-migrate';
+import pg from 'pg';
+import type { ConnectionOptions } from './connection.ts';
+import { HeartbeatError, toHeartbeatError } from './errors.ts';
+import { consoleLogger, type Logger } from './logger.ts';
+import { PACKAGE_ROOT } from './paths.ts';
+
+/** The folder of pg-heartbeat's node-pg-migrate migrations (each applies one file of sql/). */
+export const MIGRATIONS_DIR = join(PACKAGE_ROOT, 'migrations');
+/** node-pg-migrate's bookkeeping table, kept in the heartbeat schema. */
+export const MIGRATIONS_TABLE = { schema: 'heartbeat', table: 'migrations' } as const;
+
+export interface MigrateOptions {
+  /** 'up' (default) applies everything pending; 'down' reverts `count` migrations. */
+  direction?: 'up' | 'down';
+  /** How many migrations to apply or revert (default: all up, one down). */
+  count?: number;
+  logger?: Logger;
+}
+
+/**
+ * Applies pg-heartbeat's migrations. Safe to run from many replicas at once:
+ * node-pg-migrate serialises runs with an advisory lock (the others wait) and
+ * each run is one transaction. Needs a direct (session) connection, not a
+ * transaction pooler such as pgbouncer in transaction mode.
+ * Resolves to the names of the migrations it ran.
+ */
+export async function migrate(connection: ConnectionOptions, options: MigrateOptions = {}): Promise<string[]> {
+  const logger = options.logger ?? consoleLogger;
+  const client =
+    'pool' in connection ? await connection.pool.connect() : new pg.Client({ connectionString: connection.connectionString });
+  const owned = !('pool' in connection);
+  const onError = (err: unknown): void => logger.warn('migration connection failed', { error: err });
+  client.on('error', onError);
+  try {
+    if (owned) await (client as pg.Client).connect();
+    const ran = await runner({
+      dbClient: client,
+      dir: MIGRATIONS_DIR,
+      migrationsSchema: MIGRATIONS_TABLE.schema,
+      migrationsTable: MIGRATIONS_TABLE.table,
+      createMigrationsSchema: true,
+      direction: options.direction ?? 'up',
+      count: options.count ?? (options.direction === 'down' ? 1 : Infinity),
+      singleTransaction: true,
+      checkOrder: true,
+      advisoryLockMode: 'wait',
+      logger: { debug() {}, info: (m: string) => logger.debug(m), warn: (m: string) => logger.warn(m), error: (m: string) => logger.error(m) },
+    });
+    return ran.map((m) => m.name);
+  } catch (err) {
+    if (err instanceof HeartbeatError) throw err;
+    throw toHeartbeatError(err, 'migrate');
+  } finally {
+    client.off('error', onError);
+    if (owned) await (client as pg.Client).end().catch(() => {});
+    else (client as pg.PoolClient).release();
+  }
+}

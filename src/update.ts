@@ -1,0 +1,153 @@
+import { InvalidUpdateError } from './errors.ts';
+
+/** One agent's connection snapshot, as the application reports it. */
+export interface AgentUpdate {
+  /** The agent's id: a UUID, hyphenated, in any case, optionally in braces. */
+  agentId: string;
+  firstConnectedAt?: Date | null;
+  lastConnectedAt?: Date | null;
+  lastConnectedReplicaId?: string | null;
+  disconnectedAt?: Date | null;
+  /** When this snapshot was taken; the newest snapshot per agent wins. */
+  updatedAt: Date;
+}
+
+/** A disconnect, written straight to workspace_agents by {@link HeartbeatStager.disconnect}. */
+export interface AgentDisconnect {
+  agentId: string;
+  disconnectedAt: Date;
+  updatedAt: Date;
+  /** The replica that saw the disconnect; NULL keeps the stored one. */
+  replicaId?: string | null;
+}
+
+/**
+ * A validated snapshot as kept in memory: the uuid in canonical lowercase form
+ * and times as epoch milliseconds, NaN standing for NULL (numbers keep every
+ * entry the same shape, which keeps memory per pending agent small).
+ */
+export interface Snapshot {
+  agentId: string;
+  first: number;
+  last: number;
+  replica: string | null;
+  disconnected: number;
+  updated: number;
+}
+
+const UUID = /^\{?([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})\}?$/;
+const KNOWN_FIELDS = new Set([
+  'agentId', 'firstConnectedAt', 'lastConnectedAt', 'lastConnectedReplicaId', 'disconnectedAt', 'updatedAt',
+]);
+/** Earliest accepted timestamp: anything earlier is a bug, not a heartbeat (and stays exactly encodable). */
+export const MIN_TIMESTAMP_MS = Date.UTC(1900, 0, 1);
+
+/** Canonical form of a uuid (lowercase, hyphenated), or an {@link InvalidUpdateError}. */
+export function canonicalUuid(value: unknown, field: string): string {
+  if (typeof value !== 'string') throw new InvalidUpdateError(field, `must be a uuid string, got ${typeName(value)}`);
+  const m = UUID.exec(value);
+  if (!m || (value.startsWith('{') !== value.endsWith('}'))) {
+    throw new InvalidUpdateError(field, `must be a uuid like 0b4a2c3e-5f67-4d89-a1b2-c3d4e5f60718, got ${JSON.stringify(value.slice(0, 60))}`);
+  }
+  return m[1]!.toLowerCase();
+}
+
+function typeName(value: unknown): string {
+  if (value === null) return 'null';
+  if (value instanceof Date) return 'Date';
+  return typeof value;
+}
+
+function time(value: unknown, field: string, maxMs: number, required: boolean): number {
+  if (value === undefined || value === null) {
+    if (required) throw new InvalidUpdateError(field, 'is required');
+    return NaN;
+  }
+  if (!(value instanceof Date)) throw new InvalidUpdateError(field, `must be a Date, got ${typeName(value)}`);
+  const ms = value.getTime();
+  if (Number.isNaN(ms)) throw new InvalidUpdateError(field, 'is an invalid Date');
+  if (ms < MIN_TIMESTAMP_MS) throw new InvalidUpdateError(field, `is before 1900-01-01 (${value.toISOString()})`);
+  if (ms > maxMs) {
+    throw new InvalidUpdateError(field, `is too far in the future (${value.toISOString()}): more than the allowed clock skew ahead`);
+  }
+  return ms;
+}
+
+/**
+ * Validates an update and returns its snapshot, or throws an
+ * {@link InvalidUpdateError} naming the first bad field. `maxSkewMs` bounds how
+ * far ahead of this process's clock a timestamp may be.
+ */
+export function toSnapshot(update: AgentUpdate, maxSkewMs: number, now = Date.now()): Snapshot {
+  if (update === null || typeof update !== 'object') {
+    throw new InvalidUpdateError('update', `must be an object, got ${typeName(update)}`);
+  }
+  for (const key of Object.keys(update)) {
+    if (!KNOWN_FIELDS.has(key)) throw new InvalidUpdateError(key, 'is not a known field');
+  }
+  const maxMs = now + maxSkewMs;
+  const replica = update.lastConnectedReplicaId;
+  return {
+    agentId: canonicalUuid(update.agentId, 'agentId'),
+    first: time(update.firstConnectedAt, 'firstConnectedAt', maxMs, false),
+    last: time(update.lastConnectedAt, 'lastConnectedAt', maxMs, false),
+    replica: replica === undefined || replica === null ? null : canonicalUuid(replica, 'lastConnectedReplicaId'),
+    disconnected: time(update.disconnectedAt, 'disconnectedAt', maxMs, false),
+    updated: time(update.updatedAt, 'updatedAt', maxMs, true),
+  };
+}
+
+/** Validates a disconnect; returns the canonical agent and replica ids. */
+export function checkDisconnect(d: AgentDisconnect, maxSkewMs: number, now = Date.now()): {
+  agentId: string; replicaId: string | null; disconnectedAt: number; updatedAt: number;
+} {
+  if (d === null || typeof d !== 'object') throw new InvalidUpdateError('disconnect', `must be an object, got ${typeName(d)}`);
+  const maxMs = now + maxSkewMs;
+  return {
+    agentId: canonicalUuid(d.agentId, 'agentId'),
+    replicaId: d.replicaId === undefined || d.replicaId === null ? null : canonicalUuid(d.replicaId, 'replicaId'),
+    disconnectedAt: time(d.disconnectedAt, 'disconnectedAt', maxMs, true),
+    updatedAt: time(d.updatedAt, 'updatedAt', maxMs, true),
+  };
+}
+
+/** NULL-last descending order on a nullable time: positive when a ranks before b. */
+function cmpTime(a: number, b: number): number {
+  const an = Number.isNaN(a);
+  const bn = Number.isNaN(b);
+  if (an || bn) return an === bn ? 0 : an ? -1 : 1;
+  return a - b;
+}
+
+/**
+ * The total order the merge uses (sql/004_merge.sql), so the client keeps the
+ * same snapshot the database would: newer updated_at wins; on a tie a
+ * disconnect wins, then the later last_connected_at, then the greater replica id.
+ * Positive when `a` wins over `b`.
+ */
+export function compareSnapshots(a: Snapshot, b: Snapshot): number {
+  return (
+    a.updated - b.updated ||
+    cmpTime(a.disconnected, b.disconnected) ||
+    cmpTime(a.last, b.last) ||
+    (a.replica === b.replica ? 0 : a.replica === null ? -1 : b.replica === null ? 1 : a.replica < b.replica ? -1 : 1)
+  );
+}
+
+/** The earlier of two nullable times (NULL loses, like SQL's LEAST). */
+export function earliest(a: number, b: number): number {
+  if (Number.isNaN(a)) return b;
+  if (Number.isNaN(b)) return a;
+  return a < b ? a : b;
+}
+
+/**
+ * Folds `incoming` into `kept` (same agent): the winning snapshot, with the
+ * earliest first_connected_at of both. Returns the object to keep.
+ */
+export function combine(kept: Snapshot, incoming: Snapshot): Snapshot {
+  const first = earliest(kept.first, incoming.first);
+  const winner = compareSnapshots(incoming, kept) > 0 ? incoming : kept;
+  winner.first = first;
+  return winner;
+}
