@@ -1,0 +1,81 @@
+#!/usr/bin/env node
+/** The `pg-heartbeat` command line. Every failure is one line on stderr and a non-zero exit. */
+import { parseArgs } from 'node:util';
+import { HeartbeatError } from '../errors.ts';
+import { checkDatabaseUrl, type Command, redact } from './command.ts';
+import { commands } from './commands.ts';
+
+const COMMON = {
+  'database-url': { type: 'string' },
+  help: { type: 'boolean', short: 'h' },
+} as const;
+
+function usage(): string {
+  const width = Math.max(...commands.map((c) => c.name.length));
+  return [
+    'usage: pg-heartbeat <command> [options]',
+    '',
+    'commands:',
+    ...commands.map((c) => `  ${c.name.padEnd(width)}  ${c.summary}`),
+    '',
+    'options for every command:',
+    '  --database-url URL  the database (default: $DATABASE_URL)',
+    '  -h, --help          help for the command',
+  ].join('\n');
+}
+
+function commandUsage(c: Command): string {
+  const lines = [`usage: pg-heartbeat ${c.name} [--database-url URL]${c.usage ? ` ${c.usage}` : ''}`, '', c.summary];
+  const help = c.help ?? {};
+  if (Object.keys(help).length) {
+    lines.push('', 'options:');
+    for (const [name, text] of Object.entries(help)) lines.push(`  --${name.padEnd(18)} ${text}`);
+  }
+  return lines.join('\n');
+}
+
+export async function main(argv: string[]): Promise<number> {
+  const name = argv[0];
+  if (!name || name === '--help' || name === '-h' || name === 'help') {
+    console.log(usage());
+    return name ? 0 : 2;
+  }
+  const command = commands.find((c) => c.name === name);
+  if (!command) {
+    console.error(`pg-heartbeat: unknown command ${JSON.stringify(name)}\n\n${usage()}`);
+    return 2;
+  }
+  let parsed;
+  try {
+    parsed = parseArgs({ args: argv.slice(1), options: { ...COMMON, ...(command.options ?? {}) }, allowPositionals: true, strict: true });
+  } catch (err) {
+    console.error(`pg-heartbeat ${name}: ${(err as Error).message}`);
+    return 2;
+  }
+  if (parsed.values.help) {
+    console.log(commandUsage(command));
+    return 0;
+  }
+  const url = parsed.values['database-url'] as string | undefined;
+  try {
+    const code = await command.run({
+      values: parsed.values as Record<string, string | boolean | undefined>,
+      positionals: parsed.positionals,
+      databaseUrl: () => checkDatabaseUrl(url ?? process.env.DATABASE_URL),
+      out: (line) => console.log(line),
+    });
+    return code ?? 0;
+  } catch (err) {
+    console.error(`pg-heartbeat ${name}: ${oneLine(err, url ?? process.env.DATABASE_URL)}`);
+    return 1;
+  }
+}
+
+function oneLine(err: unknown, url: string | undefined): string {
+  let text = err instanceof Error ? err.message : String(err);
+  if (!(err instanceof HeartbeatError) && err instanceof Error && err.name !== 'Error') text = `${err.name}: ${text}`;
+  if (url) text = text.split(url).join(redact(url));
+  return text.replace(/\s+/g, ' ').trim();
+}
+
+process.exit(await main(process.argv.slice(2)));
