@@ -89,3 +89,14 @@ export async function stagedCount(pool: pg.Pool): Promise<number> {
   const { rows } = await pool.query<{ n: string }>('SELECT count(*) AS n FROM heartbeat.agent_connection_staging');
   return Number(rows[0]!.n);
 }
+
+/** Runs one statement on the cluster's admin database (for cluster-wide objects such as roles). */
+export async function adminQuery(sql: string, params: unknown[] = []): Promise<pg.QueryResult> {
+  const c = new pg.Client({ connectionString: adminUrl() });
+  await c.connect();
+  try {
+    return await c.query(sql, params);
+  } finally {
+    await c.end();
+  }
+}
