@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 /** The `pg-heartbeat` command line. Every failure is one line on stderr and a non-zero exit. */
 import { parseArgs } from 'node:util';
-import { HeartbeatError } from '../errors.ts';
+import { ConnectionError, HeartbeatError, toHeartbeatError } from '../errors.ts';
 import { checkDatabaseUrl, type Command, redact } from './command.ts';
 import { commands } from './commands.ts';
 
@@ -58,7 +58,12 @@ export async function main(argv: string[]): Promise<number> {
   }
   const url = parsed.values['database-url'] as string | undefined;
   try {
-    const code = await command.run({
+    function describe(err: unknown): string {
+  if (err instanceof AggregateError && !err.message) return err.errors.map(describe).join('; ');
+  return err instanceof Error ? err.message || String((err as { code?: unknown }).code) : String(err);
+}
+
+const code = await command.run({
       values: parsed.values as Record<string, string | boolean | undefined>,
       positionals: parsed.positionals,
       databaseUrl: () => checkDatabaseUrl(url ?? process.env.DATABASE_URL),
@@ -72,10 +77,20 @@ export async function main(argv: string[]): Promise<number> {
 }
 
 function oneLine(err: unknown, url: string | undefined): string {
+  const mapped = err instanceof HeartbeatError || typeof (err as { code?: unknown })?.code === 'string' ? toHeartbeatError(err, 'database') : err;
+  if (mapped instanceof ConnectionError) {
+    const cause = mapped.cause ?? err;
+    err = new Error(`cannot reach the database${url ? ` at ${redact(url)}` : ''}: ${describe(cause)}`);
+  } else err = mapped;
   let text = err instanceof Error ? err.message : String(err);
   if (!(err instanceof HeartbeatError) && err instanceof Error && err.name !== 'Error') text = `${err.name}: ${text}`;
   if (url) text = text.split(url).join(redact(url));
   return text.replace(/\s+/g, ' ').trim();
+}
+
+function describe(err: unknown): string {
+  if (err instanceof AggregateError && !err.message) return err.errors.map(describe).join('; ');
+  return err instanceof Error ? err.message || String((err as { code?: unknown }).code) : String(err);
 }
 
 process.exit(await main(process.argv.slice(2)));
