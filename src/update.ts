@@ -35,21 +35,38 @@ export interface Snapshot {
   updated: number;
 }
 
-const UUID = /^\{?([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})\}?$/;
 const KNOWN_FIELDS = new Set([
   'agentId', 'firstConnectedAt', 'lastConnectedAt', 'lastConnectedReplicaId', 'disconnectedAt', 'updatedAt',
 ]);
 /** Earliest accepted timestamp: anything earlier is a bug, not a heartbeat (and stays exactly encodable). */
 export const MIN_TIMESTAMP_MS = Date.UTC(1900, 0, 1);
 
-/** Canonical form of a uuid (lowercase, hyphenated), or an {@link InvalidUpdateError}. */
+/** True when `s[from..from+36)` is a hyphenated uuid in lowercase hex. */
+function isCanonicalUuid(s: string, from: number): boolean {
+  for (let i = 0; i < 36; i++) {
+    const c = s.charCodeAt(from + i);
+    if (i === 8 || i === 13 || i === 18 || i === 23) {
+      if (c !== 45) return false; // '-'
+    } else if (!((c >= 48 && c <= 57) || (c >= 97 && c <= 102))) return false; // 0-9 a-f
+  }
+  return true;
+}
+
+/**
+ * Canonical form of a uuid (lowercase, hyphenated), or an {@link InvalidUpdateError}.
+ * A string already in canonical form is returned as is (no copy), which keeps
+ * stage() allocation-free for well-behaved callers.
+ */
 export function canonicalUuid(value: unknown, field: string): string {
   if (typeof value !== 'string') throw new InvalidUpdateError(field, `must be a uuid string, got ${typeName(value)}`);
-  const m = UUID.exec(value);
-  if (!m || (value.startsWith('{') !== value.endsWith('}'))) {
-    throw new InvalidUpdateError(field, `must be a uuid like 0b4a2c3e-5f67-4d89-a1b2-c3d4e5f60718, got ${JSON.stringify(value.slice(0, 60))}`);
+  if (value.length === 36 && isCanonicalUuid(value, 0)) return value;
+  let inner = value;
+  if (value.length === 38 && value.charCodeAt(0) === 123 && value.charCodeAt(37) === 125) inner = value.slice(1, 37); // {…}
+  if (inner.length === 36) {
+    const lower = inner.toLowerCase();
+    if (isCanonicalUuid(lower, 0)) return lower;
   }
-  return m[1]!.toLowerCase();
+  throw new InvalidUpdateError(field, `must be a uuid like 0b4a2c3e-5f67-4d89-a1b2-c3d4e5f60718, got ${JSON.stringify(value.slice(0, 60))}`);
 }
 
 function typeName(value: unknown): string {
@@ -73,6 +90,9 @@ function time(value: unknown, field: string, maxMs: number, required: boolean): 
   return ms;
 }
 
+let lastReplicaIn: unknown;
+let lastReplicaOut: string | null = null;
+
 /**
  * Validates an update and returns its snapshot, or throws an
  * {@link InvalidUpdateError} naming the first bad field. `maxSkewMs` bounds how
@@ -82,16 +102,21 @@ export function toSnapshot(update: AgentUpdate, maxSkewMs: number, now = Date.no
   if (update === null || typeof update !== 'object') {
     throw new InvalidUpdateError('update', `must be an object, got ${typeName(update)}`);
   }
-  for (const key of Object.keys(update)) {
+  for (const key in update) {
     if (!KNOWN_FIELDS.has(key)) throw new InvalidUpdateError(key, 'is not a known field');
   }
   const maxMs = now + maxSkewMs;
   const replica = update.lastConnectedReplicaId;
+  // a fleet has few replicas: remember the last one validated
+  if (replica !== lastReplicaIn && replica !== undefined && replica !== null) {
+    lastReplicaOut = canonicalUuid(replica, 'lastConnectedReplicaId');
+    lastReplicaIn = replica;
+  }
   return {
     agentId: canonicalUuid(update.agentId, 'agentId'),
     first: time(update.firstConnectedAt, 'firstConnectedAt', maxMs, false),
     last: time(update.lastConnectedAt, 'lastConnectedAt', maxMs, false),
-    replica: replica === undefined || replica === null ? null : canonicalUuid(replica, 'lastConnectedReplicaId'),
+    replica: replica === undefined || replica === null ? null : lastReplicaOut,
     disconnected: time(update.disconnectedAt, 'disconnectedAt', maxMs, false),
     updated: time(update.updatedAt, 'updatedAt', maxMs, true),
   };
