@@ -1,0 +1,72 @@
+import pg from 'pg';
+import { consoleLogger } from '../logger.ts';
+import { mergeNow } from '../merge.ts';
+import { startMerger, type MergeReport } from '../merger.ts';
+import type { Command } from './command.ts';
+
+/** A non-negative integer option, or `fallback` when absent. */
+export function msOption(value: string | boolean | undefined, name: string, fallback: number | undefined): number | undefined {
+  if (value === undefined || typeof value === 'boolean') return fallback;
+  const n = Number(value);
+  if (!Number.isInteger(n) || n <= 0) throw new Error(`--${name} must be a positive whole number of milliseconds, not ${JSON.stringify(value)}`);
+  return n;
+}
+
+export function mergeLine(r: MergeReport): string {
+  const at = r.startedAt.toISOString();
+  if (r.skippedConcurrent) return `${at} skipped: another merge is running`;
+  return (
+    `${at} merged ${r.rowsConsumed} staged row(s) in ${r.durationMs} ms: ${r.agentsUpdated} agent(s) updated, ` +
+    `${r.skippedStale} stale, ${r.skippedUnknown} unknown, ${r.skippedInvalid} invalid, ${r.deferredLocked} deferred (row locked)`
+  );
+}
+
+export const mergerCommand: Command = {
+  name: 'merger',
+  summary: 'run the merge every few seconds in the foreground (safe in every replica) until Ctrl-C or SIGTERM',
+  usage: '[--interval-ms 5000] [--heartbeat-interval-ms 15000] [--flush-interval-ms 2000] [--inactive-timeout-ms 30000]',
+  help: {
+    'interval-ms': 'time between merges (default 5000)',
+    'heartbeat-interval-ms': 'the agents\' heartbeat interval, for the timing check (default 15000)',
+    'flush-interval-ms': 'the stager\'s flush interval, for the timing check (default 2000)',
+    'inactive-timeout-ms': 'agent_status()\'s inactive timeout, for the timing check (default 30000)',
+  },
+  options: {
+    'interval-ms': { type: 'string' },
+    'heartbeat-interval-ms': { type: 'string' },
+    'flush-interval-ms': { type: 'string' },
+    'inactive-timeout-ms': { type: 'string' },
+  },
+  async run(ctx) {
+    const intervalMs = msOption(ctx.values['interval-ms'], 'interval-ms', 5000)!;
+    const timing = {
+      heartbeatIntervalMs: msOption(ctx.values['heartbeat-interval-ms'], 'heartbeat-interval-ms', undefined),
+      flushIntervalMs: msOption(ctx.values['flush-interval-ms'], 'flush-interval-ms', undefined),
+      inactiveTimeoutMs: msOption(ctx.values['inactive-timeout-ms'], 'inactive-timeout-ms', undefined),
+    };
+    const url = ctx.databaseUrl();
+    const pool = new pg.Pool({ connectionString: url, max: 1, application_name: 'pg-heartbeat merger', connectionTimeoutMillis: 10_000 });
+    pool.on('error', () => {});
+    try {
+      // the first merge runs now, so a bad database fails here with one line
+      const t0 = performance.now();
+      const startedAt = new Date();
+      const first = await mergeNow(pool);
+      ctx.out(mergeLine({ ...first, startedAt, durationMs: Math.round(performance.now() - t0) }));
+      // startMerger warns on stderr when the timing invariant is broken, and logs failed merges there
+      const merger = startMerger({ pool }, { intervalMs, ...timing, logger: consoleLogger, onMerge: (r) => ctx.out(mergeLine(r)) });
+      const keepAlive = setInterval(() => {}, 1 << 30);
+      const signal = await new Promise<string>((resolve) => {
+        process.once('SIGINT', () => resolve('SIGINT'));
+        process.once('SIGTERM', () => resolve('SIGTERM'));
+      });
+      clearInterval(keepAlive);
+      ctx.out(`${signal}: stopping after the merge in progress`);
+      await merger.stop();
+      const s = merger.stats();
+      ctx.out(`stopped: ${s.merges} merge(s), ${s.skippedConcurrent} skipped (another merge running), ${s.failures} failed`);
+    } finally {
+      await pool.end().catch(() => {});
+    }
+  },
+};

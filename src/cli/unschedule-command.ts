@@ -1,0 +1,12 @@
+import { consoleLogger } from '../logger.ts';
+import { unscheduleMerge } from '../schedule.ts';
+import type { Command } from './command.ts';
+
+export const unscheduleCommand: Command = {
+  name: 'unschedule',
+  summary: 'remove the pg_cron merge job (start a merger elsewhere, or merges stop)',
+  async run(ctx) {
+    const removed = await unscheduleMerge({ connectionString: ctx.databaseUrl() }, { logger: consoleLogger });
+    ctx.out(removed ? 'unscheduled the pg_cron merge job' : 'no pg_cron merge job was scheduled');
+  },
+};

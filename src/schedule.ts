@@ -1,0 +1,161 @@
+/**
+ * scheduleMerge()/unscheduleMerge(): put the merge in pg_cron, so it runs
+ * inside the database with no client-side merger at all. What is scheduled
+ * (job name, schedule, command) comes from heartbeat.merge_job() (sql/007).
+ * When pg_cron lives in this database, heartbeat.schedule_merge() does the
+ * work; when it lives in another one (cron.database_name), this connects there
+ * with the same credentials and uses cron.schedule_in_database, which a
+ * function in this database cannot do.
+ */
+import pg from 'pg';
+import { resolvePool, withClient, type ConnectionOptions } from './connection.ts';
+import { toHeartbeatError } from './errors.ts';
+import { consoleLogger, type Logger } from './logger.ts';
+
+/** The pg_cron job that runs the merge. */
+export interface MergeJob {
+  /** cron.job's jobid (null when only described, not scheduled). */
+  jobId: number | null;
+  jobName: string;
+  schedule: string;
+  command: string;
+  /** The database the job runs in (the one with the heartbeat schema). */
+  database: string;
+  /** The database pg_cron lives in (cron.database_name). */
+  cronDatabase: string;
+  pgCronVersion: string;
+  /** True with pg_cron >= 1.5 (a '5 seconds' schedule); false: once a minute, looping inside. */
+  secondsSchedule: boolean;
+}
+
+export interface ScheduleOptions {
+  /** How often to merge, as a PostgreSQL interval of whole seconds from 1 to 59 (default '5 seconds'). */
+  every?: string;
+  logger?: Logger;
+}
+
+interface JobRow {
+  job_name: string;
+  schedule: string;
+  command: string;
+  database: string;
+  cron_database: string;
+  pg_cron_version: string;
+  seconds_schedule: boolean;
+}
+
+const toJob = (row: JobRow, jobId: number | null): MergeJob => ({
+  jobId,
+  jobName: row.job_name,
+  schedule: row.schedule,
+  command: row.command,
+  database: row.database,
+  cronDatabase: row.cron_database,
+  pgCronVersion: row.pg_cron_version,
+  secondsSchedule: row.seconds_schedule,
+});
+
+/** Connection settings of `pool` with the database replaced (for reaching pg_cron's database). */
+export function clientConfigFor(pool: pg.Pool, database: string): pg.ClientConfig {
+  const { connectionString, ...rest } = pool.options as pg.PoolConfig;
+  if (connectionString) {
+    const url = new URL(connectionString);
+    url.pathname = `/${encodeURIComponent(database)}`;
+    return { ...rest, connectionString: url.toString(), application_name: 'pg-heartbeat schedule' };
+  }
+  return { ...rest, database, application_name: 'pg-heartbeat schedule' };
+}
+
+/** Runs `fn` with a client connected to pg_cron's database. */
+export async function withCronDatabase<T>(pool: pg.Pool, database: string, fn: (client: pg.Client) => Promise<T>): Promise<T> {
+  const client = new pg.Client(clientConfigFor(pool, database));
+  client.on('error', () => {});
+  try {
+    await client.connect();
+    return await fn(client);
+  } catch (err) {
+    throw toHeartbeatError(err, `pg_cron in database ${JSON.stringify(database)}`);
+  } finally {
+    await client.end().catch(() => {});
+  }
+}
+
+async function describeJob(pool: pg.Pool, every: string): Promise<JobRow> {
+  const { rows } = await pool.query<JobRow>('SELECT * FROM heartbeat.merge_job($1::interval)', [every]);
+  return rows[0]!;
+}
+
+/**
+ * Schedules the merge in pg_cron every `every` (default '5 seconds'). Scheduling
+ * again updates the one job (fixed name). Fails with a message naming the
+ * postgresql.conf lines when pg_cron is not loaded.
+ */
+export async function scheduleMerge(connection: ConnectionOptions, options: ScheduleOptions = {}): Promise<MergeJob> {
+  const logger = options.logger ?? consoleLogger;
+  const every = options.every ?? '5 seconds';
+  const { pool, owned } = resolvePool(connection, logger, 'pg-heartbeat schedule');
+  try {
+    const row = await describeJob(pool, every);
+    if (row.cron_database === row.database) {
+      const { rows } = await pool.query<{ job_id: string }>('SELECT job_id FROM heartbeat.schedule_merge($1::interval)', [every]);
+      return toJob(row, Number(rows[0]!.job_id));
+    }
+    const jobId = await withCronDatabase(pool, row.cron_database, async (client) => {
+      const { rows } = await client.query<{ job_id: string }>(
+        'SELECT cron.schedule_in_database($1, $2, $3, $4) AS job_id',
+        [row.job_name, row.schedule, row.command, row.database],
+      );
+      return Number(rows[0]!.job_id);
+    });
+    return toJob(row, jobId);
+  } catch (err) {
+    throw toHeartbeatError(err, 'schedule the merge');
+  } finally {
+    if (owned) await pool.end().catch(() => {});
+  }
+}
+
+/** Removes the merge job from pg_cron; resolves to whether there was one. */
+export async function unscheduleMerge(connection: ConnectionOptions, options: { logger?: Logger } = {}): Promise<boolean> {
+  const logger = options.logger ?? consoleLogger;
+  const { pool, owned } = resolvePool(connection, logger, 'pg-heartbeat unschedule');
+  try {
+    let row: JobRow;
+    try {
+      row = await describeJob(pool, '5 seconds');
+    } catch (err) {
+      // 55000 from heartbeat.merge_job(): pg_cron is not loaded, so no job can exist
+      if ((err as { code?: unknown }).code === '55000') return false;
+      throw err;
+    }
+    if (row.cron_database === row.database) {
+      const { rows } = await pool.query<{ removed: boolean }>('SELECT heartbeat.unschedule_merge() AS removed');
+      return rows[0]!.removed;
+    }
+    return await withCronDatabase(pool, row.cron_database, async (client) => {
+      const { rows } = await client.query<{ n: string }>(
+        'SELECT count(*) AS n FROM cron.job j WHERE j.jobname = $1 AND cron.unschedule(j.jobid)',
+        [row.job_name],
+      );
+      return Number(rows[0]!.n) > 0;
+    });
+  } catch (err) {
+    throw toHeartbeatError(err, 'unschedule the merge');
+  } finally {
+    if (owned) await pool.end().catch(() => {});
+  }
+}
+
+/** Looks up the merge job in pg_cron's database (which may be another one); null when not scheduled. */
+export async function findMergeJob(db: pg.Pool, job: { jobName: string; cronDatabase: string }): Promise<{ schedule: string; active: boolean } | null> {
+  const query = async (client: pg.ClientBase): Promise<{ schedule: string; active: boolean } | null> => {
+    const { rows } = await client.query<{ schedule: string; active: boolean }>(
+      'SELECT schedule, active FROM cron.job WHERE jobname = $1 ORDER BY jobid LIMIT 1',
+      [job.jobName],
+    );
+    return rows[0] ?? null;
+  };
+  const { rows } = await db.query<{ here: string }>('SELECT current_database() AS here');
+  if (rows[0]!.here === job.cronDatabase) return withClient(db, query);
+  return withCronDatabase(db, job.cronDatabase, query);
+}

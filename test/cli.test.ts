@@ -1,0 +1,159 @@
+/**
+ * The `pg-heartbeat` command line, run as a user would: one process per call
+ * (`node --import tsx src/cli/main.ts ...`), against real databases.
+ */
+import assert from 'node:assert/strict';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
+import { after, before, describe, test } from 'node:test';
+import { freePort } from './support/cluster.ts';
+import { createTestDb, type TestDb } from './support/db.ts';
+
+const ROOT = fileURLToPath(new URL('..', import.meta.url));
+
+interface Run { code: number | null; signal: NodeJS.Signals | null; stdout: string; stderr: string }
+
+function start(args: string[], env: Record<string, string> = {}): { child: ChildProcess; done: Promise<Run>; stdout(): string; stderr(): string } {
+  const childEnv: NodeJS.ProcessEnv = { ...process.env, ...env };
+  if (!('DATABASE_URL' in env)) delete childEnv.DATABASE_URL;
+  const child = spawn(process.execPath, ['--import', 'tsx', 'src/cli/main.ts', ...args], { cwd: ROOT, env: childEnv, stdio: ['ignore', 'pipe', 'pipe'] });
+  let stdout = '';
+  let stderr = '';
+  child.stdout!.on('data', (d: Buffer) => (stdout += d.toString()));
+  child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
+  const done = new Promise<Run>((resolve) => child.on('close', (code, signal) => resolve({ code, signal, stdout, stderr })));
+  return { child, done, stdout: () => stdout, stderr: () => stderr };
+}
+
+const cli = (args: string[], env: Record<string, string> = {}): Promise<Run> => start(args, env).done;
+
+async function waitFor(what: string, cond: () => boolean, timeoutMs = 60_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!cond()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+/** Asserts a failed run: non-zero exit, exactly one line on stderr matching `pattern`, no stack. */
+function assertOneLineFailure(run: Run, pattern: RegExp, what: string): void {
+  assert.notEqual(run.code, 0, `${what}: exit code`);
+  const lines = run.stderr.trim().split('\n');
+  assert.equal(lines.length, 1, `${what}: one line on stderr, got ${JSON.stringify(run.stderr)}`);
+  assert.match(lines[0]!, pattern, what);
+  assert.doesNotMatch(run.stderr, /\n\s+at /, `${what}: no stack trace`);
+}
+
+let migrated: TestDb;
+let bare: TestDb;
+let unreachable: string;
+before(async () => {
+  [migrated, bare] = await Promise.all([createTestDb('cli'), createTestDb('cli_bare', { migrated: false })]);
+  unreachable = `postgresql://postgres@127.0.0.1:${await freePort()}/nowhere`;
+});
+after(async () => {
+  await Promise.all([migrated.drop(), bare.drop()]);
+});
+
+const DB_COMMANDS = ['merge', 'merger', 'schedule', 'unschedule', 'status'];
+
+describe('every database subcommand fails with one clear line', () => {
+  for (const name of ['migrate', ...DB_COMMANDS]) {
+    test(`${name}: --help, bad URL, unreachable database${name === 'migrate' ? '' : ', migrations missing'}`, async () => {
+      const [help, badUrl, down, missing] = await Promise.all([
+        cli([name, '--help']),
+        cli([name, '--database-url', 'not a url']),
+        cli([name, '--database-url', unreachable]),
+        name === 'migrate' ? undefined : cli([name], { DATABASE_URL: bare.url }),
+      ]);
+      assert.equal(help.code, 0);
+      assert.match(help.stdout, new RegExp(`^usage: pg-heartbeat ${name} \\[--database-url URL\\]`));
+      assertOneLineFailure(badUrl, new RegExp(`^pg-heartbeat ${name}: bad database URL`), `${name} with a bad URL`);
+      assertOneLineFailure(down, new RegExp(`^pg-heartbeat ${name}: .*ECONNREFUSED`), `${name} with the database down`);
+      if (missing) assertOneLineFailure(missing, new RegExp(`^pg-heartbeat ${name}: .*run the migrations: pg-heartbeat migrate`), `${name} before migrating`);
+    });
+  }
+
+  test('no database at all', async () => {
+    assertOneLineFailure(await cli(['status']), /no database: pass --database-url or set DATABASE_URL/, 'status without a URL');
+  });
+
+  test('migrate applies everything to a bare database, then is up to date', async () => {
+    const scratch = await createTestDb('cli_migrate', { migrated: false });
+    try {
+      const first = await cli(['migrate', '--database-url', scratch.url]);
+      assert.equal(first.code, 0, first.stderr);
+      assert.match(first.stdout, /applied \d+ migration\(s\): .*1764000000006_status, 1764000000007_cron/);
+      const again = await cli(['migrate'], { DATABASE_URL: scratch.url });
+      assert.equal(again.code, 0);
+      assert.match(again.stdout, /already up to date/);
+    } finally {
+      await scratch.drop();
+    }
+  });
+});
+
+describe('status', () => {
+  test('prints a readable table, or JSON with --json', async () => {
+    await migrated.pool.query("INSERT INTO heartbeat.agent_connection_staging (agent_id, updated_at) VALUES (gen_random_uuid(), now() - interval '2 seconds')");
+    const [table, json] = await Promise.all([
+      cli(['status', '--database-url', migrated.url]),
+      cli(['status', '--json'], { DATABASE_URL: migrated.url }),
+    ]);
+    assert.equal(table.code, 0, table.stderr);
+    assert.match(table.stdout, /^staged rows\s+1$/m);
+    assert.match(table.stdout, /^merge lag\s+\d+\.\d s \(oldest staged /m);
+    assert.match(table.stdout, /^pg_cron\s+not loaded$/m);
+    assert.equal(json.code, 0, json.stderr);
+    const parsed = JSON.parse(json.stdout) as { stagedRows: number; mergeLagMs: number; cron: { database: null } };
+    assert.equal(parsed.stagedRows, 1);
+    assert.ok(parsed.mergeLagMs >= 2000);
+    assert.equal(parsed.cron.database, null);
+  });
+});
+
+describe('schedule / unschedule without pg_cron', () => {
+  test('schedule names the postgresql.conf lines; unschedule has nothing to do', async () => {
+    const [schedule, unschedule] = await Promise.all([
+      cli(['schedule', '--every', '5 seconds', '--database-url', migrated.url]),
+      cli(['unschedule', '--database-url', migrated.url]),
+    ]);
+    assertOneLineFailure(schedule, /pg_cron is not loaded: add to postgresql.conf shared_preload_libraries = 'pg_cron' and cron.database_name = /, 'schedule');
+    assert.equal(unschedule.code, 0, unschedule.stderr);
+    assert.match(unschedule.stdout, /no pg_cron merge job was scheduled/);
+  });
+});
+
+describe('merger', () => {
+  test('merges in the foreground, one line per merge, until SIGTERM; then stops cleanly', async () => {
+    const id = crypto.randomUUID();
+    await migrated.pool.query("INSERT INTO public.workspace_agents (id, updated_at) VALUES ($1, now() - interval '1 hour')", [id]);
+    await migrated.pool.query('INSERT INTO heartbeat.agent_connection_staging (agent_id, last_connected_at, updated_at) VALUES ($1, now(), now())', [id]);
+    const run = start(['merger', '--interval-ms', '100', '--database-url', migrated.url]);
+    await waitFor('three merge lines', () => run.stdout().split('\n').filter((l) => / merged \d+ staged row/.test(l)).length >= 3);
+    run.child.kill('SIGTERM');
+    const result = await run.done;
+    assert.equal(result.code, 0, result.stderr);
+    assert.equal(result.stderr, '');
+    const lines = result.stdout.trim().split('\n');
+    assert.match(lines[0]!, /^\d{4}-\d\d-\d\dT\S+ merged \d+ staged row\(s\) in \d+(\.\d+)? ms: 1 agent\(s\) updated/);
+    assert.match(lines.at(-2)!, /^SIGTERM: stopping after the merge in progress$/);
+    assert.match(lines.at(-1)!, /^stopped: \d+ merge\(s\), 0 skipped \(another merge running\), 0 failed$/);
+    const { rows } = await migrated.pool.query('SELECT last_connected_at FROM public.workspace_agents WHERE id = $1', [id]);
+    assert.notEqual(rows[0].last_connected_at, null);
+  });
+
+  test('warns on stderr when the timing invariant is broken; Ctrl-C stops it', async () => {
+    const run = start(['merger', '--interval-ms', '20000', '--database-url', migrated.url]);
+    await waitFor('the warning and the first merge', () => /inactive timeout/.test(run.stderr()) && / merged /.test(run.stdout()));
+    run.child.kill('SIGINT');
+    const result = await run.done;
+    assert.equal(result.code, 0);
+    assert.match(result.stderr, /merge interval 22000 ms .*is not below the inactive timeout 30000 ms/);
+    assert.match(result.stdout, /SIGINT: stopping/);
+  });
+
+  test('rejects a bad --interval-ms with one line', async () => {
+    assertOneLineFailure(await cli(['merger', '--interval-ms', 'soon', '--database-url', migrated.url]), /--interval-ms must be a positive whole number/, 'bad interval');
+  });
+});

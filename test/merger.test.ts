@@ -1,0 +1,261 @@
+import assert from 'node:assert/strict';
+import { after, before, describe, test } from 'node:test';
+import pg from 'pg';
+import { MigrationsMissingError, type HeartbeatError } from '../src/errors.ts';
+import { checkTimingInvariant } from '../src/invariant.ts';
+import type { Logger } from '../src/logger.ts';
+import { migrate } from '../src/migrate.ts';
+import { silentLogger } from '../src/logger.ts';
+import { startMerger, type MergeReport } from '../src/merger.ts';
+import { agentRow, createAgents, createTestDb, stagedCount, type TestDb } from './support/db.ts';
+
+let db: TestDb;
+before(async () => {
+  db = await createTestDb('merger');
+});
+after(async () => {
+  await db.drop();
+});
+
+async function waitFor(what: string, cond: () => boolean | Promise<boolean>, timeoutMs = 30_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await cond())) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+interface LogLine { level: string; message: string; meta?: Record<string, unknown> }
+function captureLogger(): { logger: Logger; lines: LogLine[] } {
+  const lines: LogLine[] = [];
+  const at = (level: string) => (message: string, meta?: Record<string, unknown>) => void lines.push({ level, message, meta });
+  return { lines, logger: { debug: at('debug'), info: at('info'), warn: at('warn'), error: at('error') } };
+}
+
+async function stage(agentIds: string[], at: Date): Promise<void> {
+  await db.pool.query(
+    `INSERT INTO heartbeat.agent_connection_staging (agent_id, first_connected_at, last_connected_at, updated_at)
+     SELECT id, $2, $2, $2 FROM unnest($1::uuid[]) AS id`,
+    [agentIds, at],
+  );
+}
+
+/** Holds a row lock on one agent (as a long application transaction would) until release(). */
+async function lockAgent(agentId: string): Promise<{ release(): Promise<void> }> {
+  const client = new pg.Client({ connectionString: db.url });
+  await client.connect();
+  await client.query('BEGIN');
+  await client.query('SELECT 1 FROM public.workspace_agents WHERE id = $1 FOR UPDATE', [agentId]);
+  return {
+    release: async () => {
+      await client.query('ROLLBACK');
+      await client.end();
+    },
+  };
+}
+
+async function mergesTotal(): Promise<number> {
+  const { rows } = await db.pool.query<{ n: string }>('SELECT merges_total AS n FROM heartbeat.merge_state');
+  return Number(rows[0]!.n);
+}
+
+describe('startMerger', () => {
+  test('merges on its interval: staged heartbeats reach workspace_agents, counts go to onMerge and the logger', async () => {
+    const ids = await createAgents(db.pool, 3);
+    const at = new Date(Date.now() - 1000);
+    await stage(ids, at);
+    const reports: MergeReport[] = [];
+    const { logger, lines } = captureLogger();
+    const merger = startMerger({ connectionString: db.url }, { intervalMs: 50, logger, onMerge: (r) => reports.push(r) });
+    try {
+      await waitFor('three merges', () => reports.length >= 3);
+    } finally {
+      await merger.stop();
+    }
+    const worked = reports.filter((r) => r.rowsConsumed > 0);
+    assert.equal(worked.length, 1, 'the three staged rows were consumed by exactly one merge');
+    assert.equal(worked[0]!.agentsUpdated, 3);
+    assert.ok(worked[0]!.durationMs >= 0 && worked[0]!.startedAt instanceof Date);
+    for (const id of ids) assert.deepEqual((await agentRow(db.pool, id)).last_connected_at, at);
+    assert.equal(await stagedCount(db.pool), 0);
+    const info = lines.filter((l) => l.level === 'info');
+    assert.ok(info.length >= 3, 'every merge is logged');
+    assert.equal(info.find((l) => l.meta?.rowsConsumed === 3)?.meta?.agentsUpdated, 3, 'the log carries the counts');
+    assert.ok(info.every((l) => typeof l.meta?.durationMs === 'number'), 'and the duration');
+    assert.equal(merger.stats().merges, reports.length);
+  });
+
+  test('two mergers on separate pools never merge at the same time: one skips without waiting', async () => {
+    const ids = await createAgents(db.pool, 20);
+    const before = await mergesTotal();
+    // one locked row makes every merge that does work take lock_timeout (2 s), so the mergers collide
+    const lock = await lockAgent(ids[0]!);
+    await stage(ids, new Date(Date.now() - 1000));
+    const reports: MergeReport[] = [];
+    const options = { intervalMs: 30, logger: silentLogger, onMerge: (r: MergeReport) => reports.push(r) };
+    const a = startMerger({ connectionString: db.url }, options);
+    const b = startMerger({ connectionString: db.url }, options);
+    try {
+      await waitFor('a skipped merge and two merges that did work', () =>
+        reports.some((r) => r.skippedConcurrent) && reports.filter((r) => !r.skippedConcurrent).length >= 2);
+      await lock.release();
+      await waitFor('the locked agent merged too', async () => (await agentRow(db.pool, ids[0]!)).last_connected_at !== null);
+    } finally {
+      await Promise.all([a.stop(), b.stop()]);
+    }
+    const worked = reports.filter((r) => !r.skippedConcurrent);
+    const skipped = reports.filter((r) => r.skippedConcurrent);
+    assert.ok(skipped.length > 0);
+    assert.ok(skipped.every((r) => r.rowsConsumed === 0 && r.agentsUpdated === 0), 'a skipped merge did nothing');
+    assert.ok(skipped.every((r) => r.durationMs < 2000), 'a skipped merge did not wait for the running one (lock_timeout is 2 s)');
+    assert.equal(await mergesTotal() - before, worked.length, 'every merge that ran is in merge_state, none twice');
+    const consumed = worked.reduce((n, r) => n + r.rowsConsumed, 0);
+    const deferred = worked.reduce((n, r) => n + r.deferredLocked, 0);
+    assert.ok(deferred >= 1);
+    assert.equal(consumed, 20 + deferred, 'each staged row consumed once (re-staged locked rows once more each time)');
+    assert.equal(worked.reduce((n, r) => n + r.agentsUpdated, 0), 20, 'each agent updated exactly once');
+    assert.equal(a.stats().skippedConcurrent + b.stats().skippedConcurrent, skipped.length);
+  });
+
+  test('stop() is idempotent and safe to call concurrently; nothing runs afterwards; asyncDispose stops it', async () => {
+    let merges = 0;
+    const merger = startMerger({ connectionString: db.url }, { intervalMs: 20, logger: silentLogger, onMerge: () => merges++ });
+    await waitFor('a merge', () => merges >= 1);
+    const first = merger.stop();
+    const second = merger.stop();
+    assert.equal(first, second, 'concurrent stop() calls share one shutdown');
+    await Promise.all([first, second, merger[Symbol.asyncDispose]()]);
+    await merger.stop();
+    assert.equal(merger.stopped, true);
+    const seen = merges;
+    await new Promise((r) => setTimeout(r, 200));
+    assert.equal(merges, seen, 'no merge after stop()');
+
+    let disposedMerges = 0;
+    {
+      await using m = startMerger({ connectionString: db.url }, { intervalMs: 20, logger: silentLogger, onMerge: () => disposedMerges++ });
+      await waitFor('a merge', () => disposedMerges >= 1);
+      assert.equal(m.stopped, false);
+    }
+    const afterDispose = disposedMerges;
+    await new Promise((r) => setTimeout(r, 200));
+    assert.equal(disposedMerges, afterDispose, 'await using stopped it');
+  });
+
+  test('stop() during a merge waits for that merge (on the caller\'s pool, which it leaves open)', async () => {
+    const [id] = await createAgents(db.pool, 1);
+    const lock = await lockAgent(id!);
+    await stage([id!], new Date(Date.now() - 1000));
+    const events: string[] = [];
+    const reports: MergeReport[] = [];
+    const app = `merger-stop-${process.pid}`;
+    const pool = new pg.Pool({ connectionString: db.url, application_name: app, max: 1 });
+    const merger = startMerger({ pool }, {
+      intervalMs: 10, logger: silentLogger,
+      onMerge: (r) => { events.push('merged'); reports.push(r); },
+    });
+    try {
+      await waitFor('the merge waiting for the locked row', async () => {
+        const { rows } = await db.pool.query(
+          "SELECT 1 FROM pg_stat_activity WHERE application_name = $1 AND state = 'active' AND query LIKE '%merge_agent_connections%'",
+          [app],
+        );
+        return rows.length > 0;
+      });
+      assert.equal(events.length, 0);
+      await merger.stop();
+      events.push('stopped');
+      assert.deepEqual(events, ['merged', 'stopped'], 'stop() resolved only after the merge in progress finished');
+      assert.equal(reports[0]!.deferredLocked, 1, 'the merge finished normally (the locked agent was re-staged)');
+      assert.equal((await pool.query('SELECT 1 AS ok')).rows[0].ok, 1, 'the caller\'s pool is still usable');
+    } finally {
+      await lock.release();
+      await pool.end();
+    }
+  });
+
+  test('stop() ends the pool it created from a connection string', async () => {
+    const app = `merger-owned-${process.pid}`;
+    let merges = 0;
+    const merger = startMerger({ connectionString: db.url }, { intervalMs: 10, logger: silentLogger, applicationName: app, onMerge: () => merges++ });
+    await waitFor('a merge', () => merges >= 1);
+    const connected = await db.pool.query('SELECT 1 FROM pg_stat_activity WHERE application_name = $1', [app]);
+    assert.equal(connected.rows.length, 1);
+    await merger.stop();
+    await waitFor('its connection to close', async () =>
+      (await db.pool.query('SELECT 1 FROM pg_stat_activity WHERE application_name = $1', [app])).rows.length === 0, 5_000);
+  });
+
+  test('a failing merge is logged, passed to onError and retried; it never crashes; it recovers', async () => {
+    const broken = await createTestDb('merger_unmigrated', { migrated: false });
+    const unhandled: unknown[] = [];
+    const onUnhandled = (err: unknown): void => void unhandled.push(err);
+    process.on('unhandledRejection', onUnhandled);
+    const errors: HeartbeatError[] = [];
+    const reports: MergeReport[] = [];
+    const { logger, lines } = captureLogger();
+    const merger = startMerger({ connectionString: broken.url }, {
+      intervalMs: 20, logger, onError: (e) => errors.push(e), onMerge: (r) => reports.push(r),
+    });
+    try {
+      await waitFor('three failed merges', () => errors.length >= 3);
+      assert.ok(errors.every((e) => e instanceof MigrationsMissingError), String(errors[0]));
+      assert.equal(merger.stats().consecutiveFailures >= 3, true);
+      const logged = lines.filter((l) => l.level === 'error');
+      assert.ok(logged.length >= 3);
+      assert.match(logged[0]!.message, /run the migrations.*retrying/);
+      await migrate({ connectionString: broken.url }, { logger: silentLogger });
+      await waitFor('a merge after the migrations', () => reports.length >= 1);
+      assert.equal(merger.stats().consecutiveFailures, 0);
+    } finally {
+      await merger.stop();
+      process.off('unhandledRejection', onUnhandled);
+      await broken.drop();
+    }
+    assert.deepEqual(unhandled, []);
+  });
+
+  test('a throwing hook is logged and the loop goes on', async () => {
+    let calls = 0;
+    const { logger, lines } = captureLogger();
+    const merger = startMerger({ connectionString: db.url }, {
+      intervalMs: 20, logger, onMerge: () => { calls++; throw new Error('hook bug'); },
+    });
+    try {
+      await waitFor('two merges', () => calls >= 2);
+    } finally {
+      await merger.stop();
+    }
+    assert.ok(lines.some((l) => l.level === 'warn' && /onMerge hook threw/.test(l.message)));
+  });
+
+  test('bad options are rejected before anything starts', () => {
+    assert.throws(() => startMerger({ connectionString: db.url }, { intervalMs: 0 }), RangeError);
+    assert.throws(() => startMerger({ connectionString: db.url }, { jitter: 1 }), RangeError);
+    assert.throws(() => startMerger({} as never), TypeError);
+  });
+});
+
+describe('the timing invariant', () => {
+  test('checkTimingInvariant: defaults hold (2 + 15 + 5 < 30 s); a slow merge or long heartbeat breaks it', () => {
+    assert.deepEqual(checkTimingInvariant(), { ok: true, worstCaseMs: 22_000, inactiveTimeoutMs: 30_000 });
+    const slow = checkTimingInvariant({ mergeIntervalMs: 15_000 });
+    assert.equal(slow.ok, false);
+    assert.equal(slow.worstCaseMs, 32_000);
+    assert.match(slow.message!, /inactive timeout 30000 ms/);
+    assert.equal(checkTimingInvariant({ heartbeatIntervalMs: 20_000, inactiveTimeoutMs: 60_000 }).ok, true);
+    assert.equal(checkTimingInvariant({ flushIntervalMs: 13_000 }).ok, false, 'equal is not below');
+    assert.throws(() => checkTimingInvariant({ flushIntervalMs: -1 }), RangeError);
+  });
+
+  test('startMerger warns when its configuration breaks the invariant, and only then', async () => {
+    const ok = captureLogger();
+    await startMerger({ connectionString: db.url }, { logger: ok.logger }).stop();
+    assert.equal(ok.lines.filter((l) => l.level === 'warn').length, 0);
+    const bad = captureLogger();
+    await startMerger({ connectionString: db.url }, { logger: bad.logger, heartbeatIntervalMs: 25_000 }).stop();
+    const warned = bad.lines.filter((l) => l.level === 'warn');
+    assert.equal(warned.length, 1);
+    assert.match(warned[0]!.message, /heartbeat interval 25000 ms .* inactive timeout 30000 ms/);
+  });
+});
