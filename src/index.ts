@@ -5,6 +5,7 @@ export { startMerger, type Merger, type MergerOptions, type MergeReport, type Me
 export { checkTimingInvariant, TIMING_DEFAULTS, type TimingCheck, type TimingOptions } from './invariant.ts';
 export { scheduleMerge, unscheduleMerge, type MergeJob, type ScheduleOptions } from './schedule.ts';
 export { readStatus, agentStatus, type MergeStatus, type AgentStatus, type AgentConnectionStatus } from './status.ts';
+export { assertSessionConnection, TransactionPoolerError } from './pooler.ts';
 export type { ConnectionOptions } from './connection.ts';
 export type { AgentDisconnect, AgentUpdate } from './update.ts';
 export { consoleLogger, silentLogger, type Logger } from './logger.ts';

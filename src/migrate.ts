@@ -4,7 +4,9 @@ import pg from 'pg';
 import type { ConnectionOptions } from './connection.ts';
 import { HeartbeatError, toHeartbeatError } from './errors.ts';
 import { consoleLogger, type Logger } from './logger.ts';
+import { setStagingDurability } from './durability.ts';
 import { PACKAGE_ROOT } from './paths.ts';
+import { assertSessionConnection } from './pooler.ts';
 
 /** The folder of pg-heartbeat's node-pg-migrate migrations (each applies one file of sql/). */
 export const MIGRATIONS_DIR = join(PACKAGE_ROOT, 'migrations');
@@ -17,6 +19,11 @@ export interface MigrateOptions {
   /** How many migrations to apply or revert (default: all up, one down). */
   count?: number;
   logger?: Logger;
+  /**
+   * true: make the staging table LOGGED, so staged rows survive a crash (costs WAL per COPY and merge);
+   * false: make it UNLOGGED (the default layout); undefined: leave it as it is. Applied after an 'up' run.
+   */
+  durableStaging?: boolean;
 }
 
 /**
@@ -35,6 +42,8 @@ export async function migrate(connection: ConnectionOptions, options: MigrateOpt
   client.on('error', onError);
   try {
     if (owned) await (client as pg.Client).connect();
+    // node-pg-migrate's session advisory lock needs a direct connection: refuse a transaction pooler (src/pooler.ts)
+    await assertSessionConnection(client, 'pool' in connection ? connection.pool.options : { connectionString: connection.connectionString }, logger);
     const ran = await runner({
       dbClient: client,
       dir: MIGRATIONS_DIR,
@@ -48,6 +57,9 @@ export async function migrate(connection: ConnectionOptions, options: MigrateOpt
       advisoryLockMode: 'wait',
       logger: { debug() {}, info: (m: string) => logger.debug(m), warn: (m: string) => logger.warn(m), error: (m: string) => logger.error(m) },
     });
+    if (options.durableStaging !== undefined && (options.direction ?? 'up') === 'up') {
+      await setStagingDurability(client, options.durableStaging);
+    }
     return ran.map((m) => m.name);
   } catch (err) {
     if (err instanceof HeartbeatError) throw err;

