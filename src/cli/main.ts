@@ -49,7 +49,7 @@ export async function main(argv: string[]): Promise<number> {
   try {
     parsed = parseArgs({ args: argv.slice(1), options: { ...COMMON, ...(command.options ?? {}) }, allowPositionals: true, strict: true });
   } catch (err) {
-    console.error(`pg-heartbeat ${name}: ${(err as Error).message}`);
+    console.error(`pg-heartbeat ${name}: ${(err as Error).message.replace(/\s+/g, ' ').trim()}`);
     return 2;
   }
   if (parsed.values.help) {
@@ -58,12 +58,7 @@ export async function main(argv: string[]): Promise<number> {
   }
   const url = parsed.values['database-url'] as string | undefined;
   try {
-    function describe(err: unknown): string {
-  if (err instanceof AggregateError && !err.message) return err.errors.map(describe).join('; ');
-  return err instanceof Error ? err.message || String((err as { code?: unknown }).code) : String(err);
-}
-
-const code = await command.run({
+    const code = await command.run({
       values: parsed.values as Record<string, string | boolean | undefined>,
       positionals: parsed.positionals,
       databaseUrl: () => checkDatabaseUrl(url ?? process.env.DATABASE_URL),
