@@ -56,7 +56,10 @@ export async function startEmbeddedPostgres(settings: Record<string, string | nu
     stop: async () => {
       if (stopped) return;
       stopped = true;
-      await server.stop().catch(() => {});
+      // server.stop() waits for an 'exit' event that never comes if the server already exited
+      // (Ctrl-C in a terminal reaches the postgres child too): then there is nothing to stop
+      const child = (server as unknown as { process?: { exitCode: number | null; signalCode: string | null } }).process;
+      if (child && child.exitCode === null && child.signalCode === null) await server.stop().catch(() => {});
       rmSync(root, { recursive: true, force: true });
     },
   };
