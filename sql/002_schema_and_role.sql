@@ -14,6 +14,10 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) 'heartbeat_writer') THEN
         CREATE ROLE heartbeat_writer NOLOGIN;
     END IF;
+EXCEPTION WHEN unique_violation OR duplicate_object THEN
+    -- created meanwhile by a migration of another database of this cluster
+    -- (the migrations' advisory lock is per database, roles are per cluster)
+    NULL;
 END
 $role$;
 
