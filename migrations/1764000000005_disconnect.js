@@ -3,4 +3,4 @@ import { sqlFile } from '../sql/load.js';
 
 export const up = (pgm) => pgm.sql(sqlFile('005_disconnect.sql'));
 export const down = (pgm) =>
-  pgm.sql('DROP FUNCTION heartbeat.disconnect_agent(uuid, timestamptz, timestamptz, uuid);');
+  pgm.sql('DROP FUNCTION heartbeat.disconnect_agent(uuid, timestamptz, timestamptz, uuid, timestamptz, timestamptz);');

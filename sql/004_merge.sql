@@ -25,7 +25,9 @@
 --     last_connected_at, then the greater replica id;
 --   * applied only where the staged updated_at is strictly newer than the row's:
 --     an older or equal snapshot never overwrites, so re-merging is a no-op;
---   * first_connected_at keeps the earliest non-null value ever seen;
+--   * first_connected_at keeps the earliest non-null value ever seen, also from
+--     a staged snapshot too old to apply otherwise (say, a first heartbeat
+--     merged after the agent's disconnect);
 --   * the other columns come from the winning snapshot; NULL means NULL;
 --   * unknown agents are discarded and counted; rows without agent_id or
 --     updated_at, or more than heartbeat.max_clock_skew (default 5 minutes)
@@ -35,6 +37,21 @@
 --     at most lock_timeout (2 s): the merge then retries skipping locked rows
 --     and puts those agents' snapshots back into staging for the next merge.
 SET LOCAL lock_timeout = '10s';
+
+-- The latest updated_at accepted: the statement's time plus heartbeat.max_clock_skew
+-- (default 5 minutes; ALTER DATABASE ... SET heartbeat.max_clock_skew = '10 minutes').
+-- A replica with a clock far ahead could otherwise freeze a row: every later,
+-- honest snapshot would look older. Used by the merge and the disconnect functions.
+CREATE FUNCTION heartbeat.clock_horizon() RETURNS timestamptz
+LANGUAGE sql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $horizon$
+    SELECT pg_catalog.statement_timestamp() + COALESCE(
+        NULLIF(pg_catalog.current_setting('heartbeat.max_clock_skew', true), '')::interval,
+        interval '5 minutes')
+$horizon$;
+REVOKE ALL ON FUNCTION heartbeat.clock_horizon() FROM PUBLIC;
 
 CREATE FUNCTION heartbeat.merge_agent_connections()
 RETURNS TABLE (
@@ -75,9 +92,7 @@ BEGIN
     END IF;
     skipped_concurrent := false;
     deferred_locked := 0;
-    horizon := pg_catalog.statement_timestamp() + COALESCE(
-        NULLIF(pg_catalog.current_setting('heartbeat.max_clock_skew', true), '')::interval,
-        interval '5 minutes');
+    horizon := heartbeat.clock_horizon();
 
     BEGIN
         -- Fast path: one statement; waits at most lock_timeout for row locks.
@@ -110,6 +125,15 @@ BEGIN
              WHERE wa.id = n.agent_id
                AND wa.updated_at < n.updated_at
             RETURNING wa.id
+        ), earlier_first AS (
+            -- a snapshot too old to apply still tells when the agent first connected
+            UPDATE public.workspace_agents AS wa
+               SET first_connected_at = n.first_connected_at
+              FROM newest n
+             WHERE wa.id = n.agent_id
+               AND n.first_connected_at < COALESCE(wa.first_connected_at, 'infinity')
+               AND NOT EXISTS (SELECT 1 FROM updated u WHERE u.id = n.agent_id)
+            RETURNING 1
         )
         SELECT (SELECT count(*) FROM consumed),
                (SELECT count(*) FROM consumed c
@@ -167,6 +191,17 @@ BEGIN
              WHERE wa.id = c.agent_id
                AND wa.updated_at < c.updated_at
             RETURNING wa.id
+        ), earlier_first AS (
+            -- as in the fast path, for stale snapshots; rows locked by others are left alone
+            UPDATE public.workspace_agents AS wa
+               SET first_connected_at = n.first_connected_at
+              FROM newest n
+             WHERE wa.id = n.agent_id
+               AND n.first_connected_at < COALESCE(wa.first_connected_at, 'infinity')
+               AND NOT EXISTS (SELECT 1 FROM candidates c WHERE c.agent_id = n.agent_id)
+               AND wa.id IN (SELECT w.id FROM public.workspace_agents w
+                              WHERE w.id = n.agent_id FOR NO KEY UPDATE SKIP LOCKED)
+            RETURNING 1
         ), restaged AS (
             INSERT INTO heartbeat.agent_connection_staging
                    (agent_id, first_connected_at, last_connected_at,

@@ -5,13 +5,22 @@
 -- staged before the disconnect (older updated_at) can never make the agent look
 -- connected again when it is merged later. Returns whether the row changed:
 -- false for an unknown agent or a disconnect older than (or as old as) the row.
+--
+-- first_connected_at and last_connected_at are optional: the agent's connection
+-- facts as the disconnecting replica knows them (the client passes those of a
+-- heartbeat it had not written yet). first_connected_at keeps the earliest value
+-- ever seen; last_connected_at replaces the stored one when given. So an agent
+-- that connects and disconnects between two merges still shows 'disconnected'
+-- rather than 'connecting'. NULL (the default) keeps the stored values.
 SET LOCAL lock_timeout = '10s';
 
 CREATE FUNCTION heartbeat.disconnect_agent(
     agent_id        uuid,
     disconnected_at timestamptz,
     updated_at      timestamptz,
-    replica_id      uuid DEFAULT NULL
+    replica_id      uuid DEFAULT NULL,
+    first_connected_at timestamptz DEFAULT NULL,
+    last_connected_at  timestamptz DEFAULT NULL
 ) RETURNS boolean
 LANGUAGE plpgsql
 VOLATILE
@@ -23,10 +32,8 @@ BEGIN
         RAISE EXCEPTION 'heartbeat.disconnect_agent: agent_id, disconnected_at and updated_at must not be NULL'
             USING ERRCODE = '22004';  -- null_value_not_allowed
     END IF;
-    IF $3 > pg_catalog.statement_timestamp() + COALESCE(
-            NULLIF(pg_catalog.current_setting('heartbeat.max_clock_skew', true), '')::interval,
-            interval '5 minutes') THEN
-        RAISE EXCEPTION 'heartbeat.disconnect_agent: updated_at % is too far ahead of the database clock', $3
+    IF GREATEST($2, $3, $5, $6) > heartbeat.clock_horizon() THEN
+        RAISE EXCEPTION 'heartbeat.disconnect_agent: a timestamp is too far ahead of the database clock (updated_at %)', $3
             USING ERRCODE = '22008',  -- datetime_field_overflow
                   HINT = 'Check the clock of the replica, or raise heartbeat.max_clock_skew.';
     END IF;
@@ -34,12 +41,14 @@ BEGIN
     UPDATE public.workspace_agents AS wa
        SET disconnected_at           = $2,
            updated_at                = $3,
-           last_connected_replica_id = COALESCE($4, wa.last_connected_replica_id)
+           last_connected_replica_id = COALESCE($4, wa.last_connected_replica_id),
+           first_connected_at        = LEAST(wa.first_connected_at, $5),
+           last_connected_at         = COALESCE($6, wa.last_connected_at)
      WHERE wa.id = $1
        AND wa.updated_at < $3;
     RETURN FOUND;
 END
 $disconnect$;
 
-REVOKE ALL ON FUNCTION heartbeat.disconnect_agent(uuid, timestamptz, timestamptz, uuid) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION heartbeat.disconnect_agent(uuid, timestamptz, timestamptz, uuid) TO heartbeat_writer;
+REVOKE ALL ON FUNCTION heartbeat.disconnect_agent(uuid, timestamptz, timestamptz, uuid, timestamptz, timestamptz) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION heartbeat.disconnect_agent(uuid, timestamptz, timestamptz, uuid, timestamptz, timestamptz) TO heartbeat_writer;

@@ -6,7 +6,7 @@ import { type ConnectionOptions, resolvePool, withClient } from './connection.ts
 import { encodeCopy } from './copy-encoder.ts';
 import { ClosedError, type HeartbeatError, TimeoutError, toHeartbeatError } from './errors.ts';
 import { consoleLogger, type Logger } from './logger.ts';
-import { type AgentDisconnect, type AgentUpdate, checkDisconnect, combine, type Snapshot, toSnapshot } from './update.ts';
+import { type AgentDisconnect, type AgentUpdate, checkDisconnect, combine, earliest, type Snapshot, toSnapshot } from './update.ts';
 
 export interface StagerOptions {
   /**
@@ -68,7 +68,8 @@ const STAGING = `${pg.escapeIdentifier('heartbeat')}.${pg.escapeIdentifier('agen
 const COPY_SQL =
   `COPY ${STAGING} (agent_id, first_connected_at, last_connected_at, last_connected_replica_id, ` +
   'disconnected_at, updated_at) FROM STDIN (FORMAT binary)';
-const DISCONNECT_SQL = 'SELECT heartbeat.disconnect_agent($1, $2, $3, $4) AS applied';
+const DISCONNECT_SQL = 'SELECT heartbeat.disconnect_agent($1, $2, $3, $4, $5, $6) AS applied';
+const toDate = (ms: number): Date | null => (Number.isNaN(ms) ? null : new Date(ms));
 
 function timeout<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
   let timer: NodeJS.Timeout | undefined;
@@ -160,16 +161,22 @@ export class HeartbeatStager {
 
   /**
    * Writes a disconnect straight to workspace_agents (heartbeat.disconnect_agent)
-   * and drops this agent's pending update if it is not newer. Resolves to
-   * whether the row changed (false: unknown agent, or the row is newer).
+   * and drops this agent's pending update if it is not newer, passing on its
+   * firstConnectedAt and lastConnectedAt (so an agent that connects and
+   * disconnects between two merges still shows as disconnected, not as never
+   * connected). Resolves to whether the row changed (false: unknown agent, or
+   * the row is newer).
    */
   async disconnect(update: AgentDisconnect): Promise<boolean> {
     if (this.#closed) throw new ClosedError('HeartbeatStager');
     const d = checkDisconnect(update, this.#maxClockSkewMs);
+    const older = this.#pending.get(d.agentId);
+    const first = older && older.updated <= d.updatedAt ? earliest(d.first, older.first) : d.first;
+    const last = older && older.updated <= d.updatedAt && Number.isNaN(d.last) ? older.last : d.last;
     let applied: boolean;
     try {
       const { rows } = await this.#pool.query<{ applied: boolean }>(DISCONNECT_SQL, [
-        d.agentId, new Date(d.disconnectedAt), new Date(d.updatedAt), d.replicaId,
+        d.agentId, new Date(d.disconnectedAt), new Date(d.updatedAt), d.replicaId, toDate(first), toDate(last),
       ]);
       applied = rows[0]!.applied;
     } catch (err) {

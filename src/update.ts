@@ -19,6 +19,10 @@ export interface AgentDisconnect {
   updatedAt: Date;
   /** The replica that saw the disconnect; NULL keeps the stored one. */
   replicaId?: string | null;
+  /** When the agent first connected, if known (the earliest value ever seen is kept). */
+  firstConnectedAt?: Date | null;
+  /** The agent's last connection, if known (replaces the stored one). */
+  lastConnectedAt?: Date | null;
 }
 
 /**
@@ -122,9 +126,9 @@ export function toSnapshot(update: AgentUpdate, maxSkewMs: number, now = Date.no
   };
 }
 
-/** Validates a disconnect; returns the canonical agent and replica ids. */
+/** Validates a disconnect; returns the canonical ids and times (NaN for NULL). */
 export function checkDisconnect(d: AgentDisconnect, maxSkewMs: number, now = Date.now()): {
-  agentId: string; replicaId: string | null; disconnectedAt: number; updatedAt: number;
+  agentId: string; replicaId: string | null; disconnectedAt: number; updatedAt: number; first: number; last: number;
 } {
   if (d === null || typeof d !== 'object') throw new InvalidUpdateError('disconnect', `must be an object, got ${typeName(d)}`);
   const maxMs = now + maxSkewMs;
@@ -133,6 +137,8 @@ export function checkDisconnect(d: AgentDisconnect, maxSkewMs: number, now = Dat
     replicaId: d.replicaId === undefined || d.replicaId === null ? null : canonicalUuid(d.replicaId, 'replicaId'),
     disconnectedAt: time(d.disconnectedAt, 'disconnectedAt', maxMs, true),
     updatedAt: time(d.updatedAt, 'updatedAt', maxMs, true),
+    first: time(d.firstConnectedAt, 'firstConnectedAt', maxMs, false),
+    last: time(d.lastConnectedAt, 'lastConnectedAt', maxMs, false),
   };
 }
 
