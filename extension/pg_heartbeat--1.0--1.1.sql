@@ -47,12 +47,10 @@ BEGIN
         RAISE EXCEPTION 'heartbeat.disconnect_replica: replica_id, disconnected_at and updated_at must not be NULL'
             USING ERRCODE = '22004';  -- null_value_not_allowed
     END IF;
-    IF $3 > pg_catalog.statement_timestamp() + COALESCE(
-            NULLIF(pg_catalog.current_setting('heartbeat.max_clock_skew', true), '')::interval,
-            interval '5 minutes') THEN
+    IF GREATEST($2, $3) > heartbeat.clock_horizon() THEN
         RAISE EXCEPTION 'heartbeat.disconnect_replica: updated_at % is too far ahead of the database clock', $3
             USING ERRCODE = '22008',  -- datetime_field_overflow
-                  HINT = 'Check the clock of the replica, or raise heartbeat.max_clock_skew.';
+                  HINT = 'Check the clock of the replica (the bound is heartbeat.clock_horizon()).';
     END IF;
 
     UPDATE public.workspace_agents AS wa

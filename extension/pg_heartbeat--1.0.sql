@@ -112,15 +112,34 @@ REVOKE ALL ON heartbeat.merge_state FROM PUBLIC;
 --     last_connected_at, then the greater replica id;
 --   * applied only where the staged updated_at is strictly newer than the row's:
 --     an older or equal snapshot never overwrites, so re-merging is a no-op;
---   * first_connected_at keeps the earliest non-null value ever seen;
+--   * first_connected_at keeps the earliest non-null value ever seen, also from
+--     a staged snapshot too old to apply otherwise (say, a first heartbeat
+--     merged after the agent's disconnect);
 --   * the other columns come from the winning snapshot; NULL means NULL;
 --   * unknown agents are discarded and counted; rows without agent_id or
---     updated_at, or more than heartbeat.max_clock_skew (default 5 minutes)
---     ahead of the database clock, are discarded and counted as invalid;
+--     updated_at, or more than 5 minutes (heartbeat.clock_horizon()) ahead of
+--     the database clock, are discarded and counted as invalid;
 --   * a concurrent merge makes this one return at once (skipped_concurrent);
 --   * a workspace_agents row locked by another transaction delays the merge by
 --     at most lock_timeout (2 s): the merge then retries skipping locked rows
 --     and puts those agents' snapshots back into staging for the next merge.
+
+-- The latest updated_at accepted: the statement's time plus the allowed clock
+-- skew. A replica with a clock far ahead could otherwise freeze a row (every
+-- later, honest snapshot would look older). Used by the merge and the
+-- disconnect functions. The bound is pinned on the function, so a session
+-- cannot widen it; the owner changes it with
+--   ALTER FUNCTION heartbeat.clock_horizon() SET heartbeat.max_clock_skew = '10 minutes';
+CREATE FUNCTION heartbeat.clock_horizon() RETURNS timestamptz
+LANGUAGE sql
+STABLE
+SET search_path = pg_catalog, pg_temp
+SET heartbeat.max_clock_skew = '5 minutes'
+AS $horizon$
+    SELECT pg_catalog.statement_timestamp()
+         + pg_catalog.current_setting('heartbeat.max_clock_skew')::pg_catalog.interval
+$horizon$;
+REVOKE ALL ON FUNCTION heartbeat.clock_horizon() FROM PUBLIC;
 
 CREATE FUNCTION heartbeat.merge_agent_connections()
 RETURNS TABLE (
@@ -143,7 +162,6 @@ DECLARE
     started     timestamptz := pg_catalog.clock_timestamp();
     horizon     timestamptz;
     n_agents    bigint;
-    n_candidate bigint;
 BEGIN
     IF pg_catalog.current_setting('transaction_isolation') <> 'read committed' THEN
         RAISE EXCEPTION 'heartbeat.merge_agent_connections() must run in a READ COMMITTED transaction, not %',
@@ -161,9 +179,7 @@ BEGIN
     END IF;
     skipped_concurrent := false;
     deferred_locked := 0;
-    horizon := pg_catalog.statement_timestamp() + COALESCE(
-        NULLIF(pg_catalog.current_setting('heartbeat.max_clock_skew', true), '')::interval,
-        interval '5 minutes');
+    horizon := heartbeat.clock_horizon();
 
     BEGIN
         -- Fast path: one statement; waits at most lock_timeout for row locks.
@@ -196,6 +212,15 @@ BEGIN
              WHERE wa.id = n.agent_id
                AND wa.updated_at < n.updated_at
             RETURNING wa.id
+        ), earlier_first AS (
+            -- a snapshot too old to apply still tells when the agent first connected
+            UPDATE public.workspace_agents AS wa
+               SET first_connected_at = n.first_connected_at
+              FROM newest n
+             WHERE wa.id = n.agent_id
+               AND n.first_connected_at < COALESCE(wa.first_connected_at, 'infinity')
+               AND NOT EXISTS (SELECT 1 FROM updated u WHERE u.id = n.agent_id)
+            RETURNING 1
         )
         SELECT (SELECT count(*) FROM consumed),
                (SELECT count(*) FROM consumed c
@@ -212,7 +237,8 @@ BEGIN
         -- Slow path: some workspace_agents row is locked by another transaction
         -- (the fast path's work was rolled back with its subtransaction). Update
         -- every row we can lock now and put the snapshots of the locked agents
-        -- back into staging, so one busy row never stalls the whole fleet.
+        -- back into staging, so one busy row never stalls the whole fleet. It
+        -- costs about twice the fast path (an extra lock pass), hence only here.
         WITH consumed AS (
             DELETE FROM heartbeat.agent_connection_staging
             RETURNING agent_id, first_connected_at, last_connected_at,
@@ -231,50 +257,59 @@ BEGIN
                          ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)
              ORDER BY c.agent_id, c.updated_at DESC, c.disconnected_at DESC NULLS LAST,
                       c.last_connected_at DESC NULLS LAST, c.last_connected_replica_id DESC NULLS LAST
-        ), candidates AS (
+        ), targets AS (
+            -- known agents whose row this merge changes: a newer snapshot, or an earlier first_connected_at
             SELECT n.*
               FROM newest n
               JOIN public.workspace_agents wa ON wa.id = n.agent_id
              WHERE wa.updated_at < n.updated_at
+                OR n.first_connected_at < COALESCE(wa.first_connected_at, 'infinity')
         ), lockable AS (
             SELECT wa.id
               FROM public.workspace_agents wa
-              JOIN candidates c ON wa.id = c.agent_id
+              JOIN targets t ON wa.id = t.agent_id
                FOR NO KEY UPDATE OF wa SKIP LOCKED
         ), updated AS (
             UPDATE public.workspace_agents AS wa
-               SET first_connected_at        = LEAST(wa.first_connected_at, c.first_connected_at),
-                   last_connected_at         = c.last_connected_at,
-                   last_connected_replica_id = c.last_connected_replica_id,
-                   disconnected_at           = c.disconnected_at,
-                   updated_at                = c.updated_at
-              FROM candidates c
-              JOIN lockable l ON l.id = c.agent_id
-             WHERE wa.id = c.agent_id
-               AND wa.updated_at < c.updated_at
+               SET first_connected_at        = LEAST(wa.first_connected_at, t.first_connected_at),
+                   last_connected_at         = t.last_connected_at,
+                   last_connected_replica_id = t.last_connected_replica_id,
+                   disconnected_at           = t.disconnected_at,
+                   updated_at                = t.updated_at
+              FROM targets t
+              JOIN lockable l ON l.id = t.agent_id
+             WHERE wa.id = t.agent_id
+               AND wa.updated_at < t.updated_at
             RETURNING wa.id
+        ), earlier_first AS (
+            UPDATE public.workspace_agents AS wa
+               SET first_connected_at = t.first_connected_at
+              FROM targets t
+              JOIN lockable l ON l.id = t.agent_id
+             WHERE wa.id = t.agent_id
+               AND t.first_connected_at < COALESCE(wa.first_connected_at, 'infinity')
+               AND NOT EXISTS (SELECT 1 FROM updated u WHERE u.id = t.agent_id)
+            RETURNING 1
         ), restaged AS (
             INSERT INTO heartbeat.agent_connection_staging
                    (agent_id, first_connected_at, last_connected_at,
                     last_connected_replica_id, disconnected_at, updated_at)
-            SELECT c.agent_id, c.first_connected_at, c.last_connected_at,
-                   c.last_connected_replica_id, c.disconnected_at, c.updated_at
-              FROM candidates c
-             WHERE NOT EXISTS (SELECT 1 FROM lockable l WHERE l.id = c.agent_id)
+            SELECT t.agent_id, t.first_connected_at, t.last_connected_at,
+                   t.last_connected_replica_id, t.disconnected_at, t.updated_at
+              FROM targets t
+             WHERE NOT EXISTS (SELECT 1 FROM lockable l WHERE l.id = t.agent_id)
             RETURNING 1
         )
         SELECT (SELECT count(*) FROM consumed),
                (SELECT count(*) FROM consumed c
                  WHERE c.agent_id IS NULL OR c.updated_at IS NULL OR c.updated_at > horizon),
                (SELECT count(*) FROM newest),
-               (SELECT count(*) FROM candidates),
                (SELECT count(*) FROM updated),
                (SELECT count(*) FROM restaged),
                (SELECT count(*) FROM newest n
                  WHERE NOT EXISTS (SELECT 1 FROM public.workspace_agents wa WHERE wa.id = n.agent_id))
-          INTO rows_consumed, skipped_invalid, n_agents, n_candidate, agents_updated,
-               deferred_locked, skipped_unknown;
-        skipped_stale := n_agents - n_candidate - skipped_unknown;
+          INTO rows_consumed, skipped_invalid, n_agents, agents_updated, deferred_locked, skipped_unknown;
+        skipped_stale := n_agents - agents_updated - skipped_unknown - deferred_locked;
     END;
 
     INSERT INTO heartbeat.merge_state AS ms
@@ -308,12 +343,22 @@ GRANT EXECUTE ON FUNCTION heartbeat.merge_agent_connections() TO heartbeat_write
 -- staged before the disconnect (older updated_at) can never make the agent look
 -- connected again when it is merged later. Returns whether the row changed:
 -- false for an unknown agent or a disconnect older than (or as old as) the row.
+--
+-- first_connected_at and last_connected_at are optional: the agent's connection
+-- facts as the disconnecting replica knows them (the client passes those of a
+-- heartbeat it had not written yet). first_connected_at keeps the earliest value
+-- ever seen (even when the disconnect itself is too old to apply);
+-- last_connected_at replaces the stored one when given. So an agent
+-- that connects and disconnects between two merges still shows 'disconnected'
+-- rather than 'connecting'. NULL (the default) keeps the stored values.
 
 CREATE FUNCTION heartbeat.disconnect_agent(
     agent_id        uuid,
     disconnected_at timestamptz,
     updated_at      timestamptz,
-    replica_id      uuid DEFAULT NULL
+    replica_id      uuid DEFAULT NULL,
+    first_connected_at timestamptz DEFAULT NULL,
+    last_connected_at  timestamptz DEFAULT NULL
 ) RETURNS boolean
 LANGUAGE plpgsql
 VOLATILE
@@ -325,26 +370,36 @@ BEGIN
         RAISE EXCEPTION 'heartbeat.disconnect_agent: agent_id, disconnected_at and updated_at must not be NULL'
             USING ERRCODE = '22004';  -- null_value_not_allowed
     END IF;
-    IF $3 > pg_catalog.statement_timestamp() + COALESCE(
-            NULLIF(pg_catalog.current_setting('heartbeat.max_clock_skew', true), '')::interval,
-            interval '5 minutes') THEN
-        RAISE EXCEPTION 'heartbeat.disconnect_agent: updated_at % is too far ahead of the database clock', $3
+    IF GREATEST($2, $3, $5, $6) > heartbeat.clock_horizon() THEN
+        RAISE EXCEPTION 'heartbeat.disconnect_agent: a timestamp is too far ahead of the database clock (updated_at %)', $3
             USING ERRCODE = '22008',  -- datetime_field_overflow
-                  HINT = 'Check the clock of the replica, or raise heartbeat.max_clock_skew.';
+                  HINT = 'Check the clock of the replica (the bound is heartbeat.clock_horizon()).';
     END IF;
 
     UPDATE public.workspace_agents AS wa
        SET disconnected_at           = $2,
            updated_at                = $3,
-           last_connected_replica_id = COALESCE($4, wa.last_connected_replica_id)
+           last_connected_replica_id = COALESCE($4, wa.last_connected_replica_id),
+           first_connected_at        = LEAST(wa.first_connected_at, $5),
+           last_connected_at         = COALESCE($6, wa.last_connected_at)
      WHERE wa.id = $1
        AND wa.updated_at < $3;
-    RETURN FOUND;
+    IF FOUND THEN
+        RETURN true;
+    END IF;
+    -- too old to apply, but it may still know an earlier first connection
+    IF $5 IS NOT NULL THEN
+        UPDATE public.workspace_agents AS wa
+           SET first_connected_at = $5
+         WHERE wa.id = $1
+           AND $5 < COALESCE(wa.first_connected_at, 'infinity');
+    END IF;
+    RETURN false;
 END
 $disconnect$;
 
-REVOKE ALL ON FUNCTION heartbeat.disconnect_agent(uuid, timestamptz, timestamptz, uuid) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION heartbeat.disconnect_agent(uuid, timestamptz, timestamptz, uuid) TO heartbeat_writer;
+REVOKE ALL ON FUNCTION heartbeat.disconnect_agent(uuid, timestamptz, timestamptz, uuid, timestamptz, timestamptz) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION heartbeat.disconnect_agent(uuid, timestamptz, timestamptz, uuid, timestamptz, timestamptz) TO heartbeat_writer;
 
 -- ---------------------------------------------------------------- sql/006_status.sql
 -- pg-heartbeat 006: heartbeat.status (is the merge keeping up?) and

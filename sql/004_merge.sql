@@ -30,26 +30,28 @@
 --     merged after the agent's disconnect);
 --   * the other columns come from the winning snapshot; NULL means NULL;
 --   * unknown agents are discarded and counted; rows without agent_id or
---     updated_at, or more than heartbeat.max_clock_skew (default 5 minutes)
---     ahead of the database clock, are discarded and counted as invalid;
+--     updated_at, or more than 5 minutes (heartbeat.clock_horizon()) ahead of
+--     the database clock, are discarded and counted as invalid;
 --   * a concurrent merge makes this one return at once (skipped_concurrent);
 --   * a workspace_agents row locked by another transaction delays the merge by
 --     at most lock_timeout (2 s): the merge then retries skipping locked rows
 --     and puts those agents' snapshots back into staging for the next merge.
 SET LOCAL lock_timeout = '10s';
 
--- The latest updated_at accepted: the statement's time plus heartbeat.max_clock_skew
--- (default 5 minutes; ALTER DATABASE ... SET heartbeat.max_clock_skew = '10 minutes').
--- A replica with a clock far ahead could otherwise freeze a row: every later,
--- honest snapshot would look older. Used by the merge and the disconnect functions.
+-- The latest updated_at accepted: the statement's time plus the allowed clock
+-- skew. A replica with a clock far ahead could otherwise freeze a row (every
+-- later, honest snapshot would look older). Used by the merge and the
+-- disconnect functions. The bound is pinned on the function, so a session
+-- cannot widen it; the owner changes it with
+--   ALTER FUNCTION heartbeat.clock_horizon() SET heartbeat.max_clock_skew = '10 minutes';
 CREATE FUNCTION heartbeat.clock_horizon() RETURNS timestamptz
 LANGUAGE sql
 STABLE
 SET search_path = pg_catalog, pg_temp
+SET heartbeat.max_clock_skew = '5 minutes'
 AS $horizon$
-    SELECT pg_catalog.statement_timestamp() + COALESCE(
-        NULLIF(pg_catalog.current_setting('heartbeat.max_clock_skew', true), '')::interval,
-        interval '5 minutes')
+    SELECT pg_catalog.statement_timestamp()
+         + pg_catalog.current_setting('heartbeat.max_clock_skew')::pg_catalog.interval
 $horizon$;
 REVOKE ALL ON FUNCTION heartbeat.clock_horizon() FROM PUBLIC;
 
@@ -74,7 +76,6 @@ DECLARE
     started     timestamptz := pg_catalog.clock_timestamp();
     horizon     timestamptz;
     n_agents    bigint;
-    n_candidate bigint;
 BEGIN
     IF pg_catalog.current_setting('transaction_isolation') <> 'read committed' THEN
         RAISE EXCEPTION 'heartbeat.merge_agent_connections() must run in a READ COMMITTED transaction, not %',
@@ -150,7 +151,8 @@ BEGIN
         -- Slow path: some workspace_agents row is locked by another transaction
         -- (the fast path's work was rolled back with its subtransaction). Update
         -- every row we can lock now and put the snapshots of the locked agents
-        -- back into staging, so one busy row never stalls the whole fleet.
+        -- back into staging, so one busy row never stalls the whole fleet. It
+        -- costs about twice the fast path (an extra lock pass), hence only here.
         WITH consumed AS (
             DELETE FROM heartbeat.agent_connection_staging
             RETURNING agent_id, first_connected_at, last_connected_at,
@@ -169,61 +171,59 @@ BEGIN
                          ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)
              ORDER BY c.agent_id, c.updated_at DESC, c.disconnected_at DESC NULLS LAST,
                       c.last_connected_at DESC NULLS LAST, c.last_connected_replica_id DESC NULLS LAST
-        ), candidates AS (
+        ), targets AS (
+            -- known agents whose row this merge changes: a newer snapshot, or an earlier first_connected_at
             SELECT n.*
               FROM newest n
               JOIN public.workspace_agents wa ON wa.id = n.agent_id
              WHERE wa.updated_at < n.updated_at
+                OR n.first_connected_at < COALESCE(wa.first_connected_at, 'infinity')
         ), lockable AS (
             SELECT wa.id
               FROM public.workspace_agents wa
-              JOIN candidates c ON wa.id = c.agent_id
+              JOIN targets t ON wa.id = t.agent_id
                FOR NO KEY UPDATE OF wa SKIP LOCKED
         ), updated AS (
             UPDATE public.workspace_agents AS wa
-               SET first_connected_at        = LEAST(wa.first_connected_at, c.first_connected_at),
-                   last_connected_at         = c.last_connected_at,
-                   last_connected_replica_id = c.last_connected_replica_id,
-                   disconnected_at           = c.disconnected_at,
-                   updated_at                = c.updated_at
-              FROM candidates c
-              JOIN lockable l ON l.id = c.agent_id
-             WHERE wa.id = c.agent_id
-               AND wa.updated_at < c.updated_at
+               SET first_connected_at        = LEAST(wa.first_connected_at, t.first_connected_at),
+                   last_connected_at         = t.last_connected_at,
+                   last_connected_replica_id = t.last_connected_replica_id,
+                   disconnected_at           = t.disconnected_at,
+                   updated_at                = t.updated_at
+              FROM targets t
+              JOIN lockable l ON l.id = t.agent_id
+             WHERE wa.id = t.agent_id
+               AND wa.updated_at < t.updated_at
             RETURNING wa.id
         ), earlier_first AS (
-            -- as in the fast path, for stale snapshots; rows locked by others are left alone
             UPDATE public.workspace_agents AS wa
-               SET first_connected_at = n.first_connected_at
-              FROM newest n
-             WHERE wa.id = n.agent_id
-               AND n.first_connected_at < COALESCE(wa.first_connected_at, 'infinity')
-               AND NOT EXISTS (SELECT 1 FROM candidates c WHERE c.agent_id = n.agent_id)
-               AND wa.id IN (SELECT w.id FROM public.workspace_agents w
-                              WHERE w.id = n.agent_id FOR NO KEY UPDATE SKIP LOCKED)
+               SET first_connected_at = t.first_connected_at
+              FROM targets t
+              JOIN lockable l ON l.id = t.agent_id
+             WHERE wa.id = t.agent_id
+               AND t.first_connected_at < COALESCE(wa.first_connected_at, 'infinity')
+               AND NOT EXISTS (SELECT 1 FROM updated u WHERE u.id = t.agent_id)
             RETURNING 1
         ), restaged AS (
             INSERT INTO heartbeat.agent_connection_staging
                    (agent_id, first_connected_at, last_connected_at,
                     last_connected_replica_id, disconnected_at, updated_at)
-            SELECT c.agent_id, c.first_connected_at, c.last_connected_at,
-                   c.last_connected_replica_id, c.disconnected_at, c.updated_at
-              FROM candidates c
-             WHERE NOT EXISTS (SELECT 1 FROM lockable l WHERE l.id = c.agent_id)
+            SELECT t.agent_id, t.first_connected_at, t.last_connected_at,
+                   t.last_connected_replica_id, t.disconnected_at, t.updated_at
+              FROM targets t
+             WHERE NOT EXISTS (SELECT 1 FROM lockable l WHERE l.id = t.agent_id)
             RETURNING 1
         )
         SELECT (SELECT count(*) FROM consumed),
                (SELECT count(*) FROM consumed c
                  WHERE c.agent_id IS NULL OR c.updated_at IS NULL OR c.updated_at > horizon),
                (SELECT count(*) FROM newest),
-               (SELECT count(*) FROM candidates),
                (SELECT count(*) FROM updated),
                (SELECT count(*) FROM restaged),
                (SELECT count(*) FROM newest n
                  WHERE NOT EXISTS (SELECT 1 FROM public.workspace_agents wa WHERE wa.id = n.agent_id))
-          INTO rows_consumed, skipped_invalid, n_agents, n_candidate, agents_updated,
-               deferred_locked, skipped_unknown;
-        skipped_stale := n_agents - n_candidate - skipped_unknown;
+          INTO rows_consumed, skipped_invalid, n_agents, agents_updated, deferred_locked, skipped_unknown;
+        skipped_stale := n_agents - agents_updated - skipped_unknown - deferred_locked;
     END;
 
     INSERT INTO heartbeat.merge_state AS ms

@@ -9,7 +9,8 @@
 -- first_connected_at and last_connected_at are optional: the agent's connection
 -- facts as the disconnecting replica knows them (the client passes those of a
 -- heartbeat it had not written yet). first_connected_at keeps the earliest value
--- ever seen; last_connected_at replaces the stored one when given. So an agent
+-- ever seen (even when the disconnect itself is too old to apply);
+-- last_connected_at replaces the stored one when given. So an agent
 -- that connects and disconnects between two merges still shows 'disconnected'
 -- rather than 'connecting'. NULL (the default) keeps the stored values.
 SET LOCAL lock_timeout = '10s';
@@ -35,7 +36,7 @@ BEGIN
     IF GREATEST($2, $3, $5, $6) > heartbeat.clock_horizon() THEN
         RAISE EXCEPTION 'heartbeat.disconnect_agent: a timestamp is too far ahead of the database clock (updated_at %)', $3
             USING ERRCODE = '22008',  -- datetime_field_overflow
-                  HINT = 'Check the clock of the replica, or raise heartbeat.max_clock_skew.';
+                  HINT = 'Check the clock of the replica (the bound is heartbeat.clock_horizon()).';
     END IF;
 
     UPDATE public.workspace_agents AS wa
@@ -46,7 +47,17 @@ BEGIN
            last_connected_at         = COALESCE($6, wa.last_connected_at)
      WHERE wa.id = $1
        AND wa.updated_at < $3;
-    RETURN FOUND;
+    IF FOUND THEN
+        RETURN true;
+    END IF;
+    -- too old to apply, but it may still know an earlier first connection
+    IF $5 IS NOT NULL THEN
+        UPDATE public.workspace_agents AS wa
+           SET first_connected_at = $5
+         WHERE wa.id = $1
+           AND $5 < COALESCE(wa.first_connected_at, 'infinity');
+    END IF;
+    RETURN false;
 END
 $disconnect$;
 

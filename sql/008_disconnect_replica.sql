@@ -41,7 +41,7 @@ BEGIN
     IF GREATEST($2, $3) > heartbeat.clock_horizon() THEN
         RAISE EXCEPTION 'heartbeat.disconnect_replica: updated_at % is too far ahead of the database clock', $3
             USING ERRCODE = '22008',  -- datetime_field_overflow
-                  HINT = 'Check the clock of the replica, or raise heartbeat.max_clock_skew.';
+                  HINT = 'Check the clock of the replica (the bound is heartbeat.clock_horizon()).';
     END IF;
 
     UPDATE public.workspace_agents AS wa

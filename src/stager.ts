@@ -31,7 +31,7 @@ export interface StagerOptions {
   /**
    * How far ahead of this process's clock a timestamp may be before stage()
    * rejects it. Default 300,000 ms (5 min), the same bound the database applies
-   * (heartbeat.max_clock_skew), so a replica with a bad clock cannot freeze a row.
+   * (heartbeat.clock_horizon()), so a replica with a bad clock cannot freeze a row.
    */
   maxClockSkewMs?: number;
   /** Where failures and recoveries are reported. Default: warnings and errors to stderr. */
@@ -58,7 +58,7 @@ export interface StagerStats {
   failedCopies: number;
   /** Pending updates dropped because a newer disconnect was written. */
   droppedByDisconnect: number;
-  /** Agents waiting for the next COPY (including a COPY in flight). */
+  /** Distinct agents not yet committed to staging (pending, or in a COPY in flight). */
   pendingAgents: number;
   /** Duration of the last successful COPY in milliseconds, or null. */
   lastCopyDurationMs: number | null;
@@ -104,7 +104,9 @@ export class HeartbeatStager {
   readonly #maxClockSkewMs: number;
 
   #pending = new Map<string, Snapshot>();
-  #inflightRows = 0;
+  /** The batch a COPY is writing, and how many of its agents are pending again meanwhile. */
+  #inflightBatch: Map<string, Snapshot> | null = null;
+  #inflightOverlap = 0;
   #inflight: Promise<void> | null = null;
   #timer: NodeJS.Timeout | null = null;
   #kickQueued = false;
@@ -151,6 +153,7 @@ export class HeartbeatStager {
     const kept = this.#pending.get(snapshot.agentId);
     if (kept === undefined) {
       this.#pending.set(snapshot.agentId, snapshot);
+      if (this.#inflightBatch?.has(snapshot.agentId)) this.#inflightOverlap++;
       if (this.#pending.size >= this.#maxBatchSize) this.#kick();
     } else {
       this.#stats.deduped++;
@@ -182,9 +185,11 @@ export class HeartbeatStager {
     } catch (err) {
       throw toHeartbeatError(err, 'disconnect');
     }
+    // drop the older pending update unless it learnt an earlier first connection meanwhile
     const kept = this.#pending.get(d.agentId);
-    if (kept !== undefined && kept.updated <= d.updatedAt) {
+    if (kept !== undefined && kept.updated <= d.updatedAt && Object.is(earliest(first, kept.first), first)) {
       this.#pending.delete(d.agentId);
+      if (this.#inflightBatch?.has(d.agentId)) this.#inflightOverlap--;
       this.#stats.droppedByDisconnect++;
     }
     return applied;
@@ -217,7 +222,8 @@ export class HeartbeatStager {
 
   /** Counters since creation. */
   stats(): StagerStats {
-    return { ...this.#stats, pendingAgents: this.#pending.size + this.#inflightRows };
+    const inflight = this.#inflightBatch ? this.#inflightBatch.size - this.#inflightOverlap : 0;
+    return { ...this.#stats, pendingAgents: this.#pending.size + inflight };
   }
 
   #schedule(delayMs: number): void {
@@ -294,7 +300,8 @@ export class HeartbeatStager {
     if (this.#pending.size === 0) return;
     const batch = this.#pending;
     this.#pending = new Map();
-    this.#inflightRows = batch.size;
+    this.#inflightBatch = batch;
+    this.#inflightOverlap = 0;
     const started = performance.now();
     try {
       await withClient(this.#pool, async (client) => {
@@ -306,7 +313,8 @@ export class HeartbeatStager {
       this.#restore(batch);
       throw toHeartbeatError(err, 'COPY into staging');
     } finally {
-      this.#inflightRows = 0;
+      this.#inflightBatch = null;
+      this.#inflightOverlap = 0;
     }
     const durationMs = performance.now() - started;
     this.#stats.copies++;
@@ -343,7 +351,7 @@ export class HeartbeatStager {
         const left = deadline - Date.now();
         const heartbeatError = toHeartbeatError(err, 'final flush');
         if (left <= 0 || heartbeatError instanceof TimeoutError) {
-          const lost = this.#pending.size + this.#inflightRows;
+          const lost = this.stats().pendingAgents;
           this.#report(heartbeatError, `close(): final flush gave up; ${lost} agents' updates were not written`, {
             closeTimeoutMs: this.#closeTimeoutMs,
           }, 'error');

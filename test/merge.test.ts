@@ -97,6 +97,49 @@ describe('heartbeat.merge_agent_connections()', () => {
     assert.deepEqual((await agentRow(db.pool, a!)).first_connected_at, t(1));
   });
 
+  test('first_connected_at: the earliest ever seen, also from a snapshot too old to apply', async () => {
+    const [a] = await createAgents(db.pool, 1);
+    await stageRows([[a!, null, t(300), null, t(301), t(301)]]);
+    await mergeNow(db.pool);
+    await stageRows([[a!, t(200), t(200), null, null, t(250)]]); // stale, but knows an earlier first connection
+    const result = await mergeNow(db.pool);
+    assert.equal(result.skippedStale, 1);
+    assert.equal(result.agentsUpdated, 0);
+    const row = await agentRow(db.pool, a!);
+    assert.deepEqual(row.first_connected_at, t(200));
+    assert.deepEqual(row.updated_at, t(301), 'nothing else changed');
+    assert.deepEqual(row.disconnected_at, t(301));
+    await stageRows([[a!, t(250), t(250), null, null, t(260)]]); // stale and not earlier: no change
+    await mergeNow(db.pool);
+    assert.deepEqual((await agentRow(db.pool, a!)).first_connected_at, t(200));
+  });
+
+  test('disconnect_agent keeps given connection facts, and an earlier first connection even when stale', async () => {
+    const [a] = await createAgents(db.pool, 1);
+    const q = 'SELECT heartbeat.disconnect_agent($1, $2, $3, NULL, $4, $5) AS applied';
+    assert.equal((await db.pool.query(q, [a, t(402), t(402), t(400), t(401)])).rows[0].applied, true);
+    let row = await agentRow(db.pool, a!);
+    assert.deepEqual([row.first_connected_at, row.last_connected_at, row.disconnected_at], [t(400), t(401), t(402)]);
+    assert.equal((await db.pool.query(q, [a, t(399), t(399), t(390), null])).rows[0].applied, false);
+    row = await agentRow(db.pool, a!);
+    assert.deepEqual([row.first_connected_at, row.last_connected_at, row.updated_at], [t(390), t(401), t(402)]);
+  });
+
+  test('a session cannot widen the clock-skew bound', async () => {
+    const [a] = await createAgents(db.pool, 1);
+    const future = new Date(Date.now() + 3600_000);
+    const c = await db.pool.connect();
+    try {
+      await c.query("SET heartbeat.max_clock_skew = '100 years'");
+      await c.query('INSERT INTO heartbeat.agent_connection_staging (agent_id, updated_at) VALUES ($1, $2)', [a, future]);
+      const { rows } = await c.query('SELECT skipped_invalid FROM heartbeat.merge_agent_connections()');
+      assert.equal(rows[0].skipped_invalid, '1');
+      await assert.rejects(c.query('SELECT heartbeat.disconnect_agent($1, $2, $2)', [a, future]), { code: '22008' });
+    } finally {
+      c.release();
+    }
+  });
+
   test('unknown agents and invalid rows are discarded and counted, never an error', async () => {
     const [a] = await createAgents(db.pool, 1);
     const farFuture = new Date(Date.now() + 24 * 3600_000);

@@ -169,10 +169,47 @@ describe('HeartbeatStager', () => {
     assert.ok(merged.skippedStale >= 1);
     const row = await agentRow(db.pool, agentId!);
     assert.deepEqual(row.disconnected_at, t(62));
-    assert.deepEqual(row.last_connected_at, null, 'the staged heartbeat never landed');
+    assert.deepEqual(row.updated_at, t(62), 'the staged heartbeat (t1) did not overwrite the disconnect');
+    assert.deepEqual(row.last_connected_at, t(61), 'the dropped pending heartbeat passed on its lastConnectedAt');
+    assert.deepEqual(row.first_connected_at, t(59), 'and the stale staged one its firstConnectedAt');
+    const { rows } = await db.pool.query('SELECT status FROM heartbeat.agent_status(agent_ids => $1)', [[agentId]]);
+    assert.equal(rows[0].status, 'disconnected');
     assert.equal(await stager.disconnect({ agentId: agentId!, disconnectedAt: t(55), updatedAt: t(55) }), false, 'older disconnect');
     assert.equal(await stager.disconnect({ agentId: randomUUID(), disconnectedAt: t(63), updatedAt: t(63) }), false, 'unknown agent');
     await assert.rejects(stager.disconnect({ agentId: 'nope', disconnectedAt: t(63), updatedAt: t(63) }), InvalidUpdateError);
+  });
+
+  test('an agent that connects and disconnects between two merges shows disconnected, not connecting', async () => {
+    const [pendingOnly, copied] = await createAgents(db.pool, 2);
+    await using stager = new HeartbeatStager({ pool: db.pool }, { ...quiet, flushIntervalMs: 600_000 });
+    const now = Date.now();
+    const at = (ms: number): Date => new Date(now - 10_000 + ms);
+    stager.stage({ agentId: copied!, firstConnectedAt: at(0), lastConnectedAt: at(0), updatedAt: at(0) });
+    await stager.flush(); // this one's first heartbeat is in staging, not merged
+    stager.stage({ agentId: pendingOnly!, firstConnectedAt: at(1), lastConnectedAt: at(1), updatedAt: at(1) }); // only in memory
+    assert.equal(await stager.disconnect({ agentId: copied!, disconnectedAt: at(2), updatedAt: at(2) }), true);
+    assert.equal(await stager.disconnect({ agentId: pendingOnly!, disconnectedAt: at(3), updatedAt: at(3) }), true);
+    await stager.flush();
+    await mergeNow(db.pool);
+    const { rows } = await db.pool.query('SELECT agent_id, status FROM heartbeat.agent_status(agent_ids => $1) ORDER BY agent_id', [[copied, pendingOnly]]);
+    assert.deepEqual(rows.map((r) => r.status), ['disconnected', 'disconnected']);
+    assert.deepEqual((await agentRow(db.pool, copied!)).first_connected_at, at(0));
+    assert.deepEqual((await agentRow(db.pool, pendingOnly!)).first_connected_at, at(1));
+  });
+
+  test('stats().pendingAgents counts an agent once while its COPY is in flight', async () => {
+    await using stager = new HeartbeatStager({ pool: db.pool }, { ...quiet, flushIntervalMs: 600_000 });
+    const ids = Array.from({ length: 2000 }, () => randomUUID());
+    for (const agentId of ids) stager.stage({ agentId, updatedAt: t(90) });
+    const flushing = stager.flush();
+    await new Promise((resolve) => setImmediate(resolve)); // the COPY has taken the batch and is in flight
+    assert.equal(stager.stats().pendingAgents, 2000);
+    for (const agentId of ids) stager.stage({ agentId, updatedAt: t(91) });
+    assert.equal(stager.stats().pendingAgents, 2000);
+    await flushing;
+    assert.equal(stager.stats().pendingAgents, 2000);
+    await stager.flush();
+    assert.equal(stager.stats().pendingAgents, 0);
   });
 
   test('a failed COPY keeps its rows, merged with newer ones, and the retry lands them', async () => {

@@ -86,7 +86,7 @@ describe('bad input to the stager', () => {
     assert.deepEqual([row.first_connected_at, row.last_connected_at, row.updated_at], [first, last, updated]);
   });
 
-  test('the future: the client rejects beyond maxClockSkewMs; the database skips beyond heartbeat.max_clock_skew', async () => {
+  test('the future: the client rejects beyond maxClockSkewMs; the database skips beyond heartbeat.clock_horizon()', async () => {
     const [a, b] = await createAgents(db.pool, 2);
     const strict = newStager();
     strict.stage({ agentId: a!, updatedAt: new Date(Date.now() + 4 * 60_000) }); // inside the default 5 min

@@ -21,7 +21,7 @@ import { agentRow, createAgents, createTestDb, stagedCount, withDatabase, type T
  */
 const WRITER_ROUTINES = new Set([
   'merge_agent_connections()',
-  'disconnect_agent(uuid,timestamp with time zone,timestamp with time zone,uuid)',
+  'disconnect_agent(uuid,timestamp with time zone,timestamp with time zone,uuid,timestamp with time zone,timestamp with time zone)',
   'disconnect_replica(uuid,timestamp with time zone,timestamp with time zone)',
   'merge_status()',
   'agent_status(interval,uuid[])',
@@ -101,7 +101,7 @@ describe('a member of heartbeat_writer', () => {
       ['CREATE VIEW heartbeat.mine AS SELECT 1 AS x', []],
       ['ALTER TABLE heartbeat.agent_connection_staging SET LOGGED', []],
       ['ALTER FUNCTION heartbeat.merge_agent_connections() SET search_path = public', []],
-      ['DROP FUNCTION heartbeat.disconnect_agent(uuid, timestamptz, timestamptz, uuid)', []],
+      ['DROP FUNCTION heartbeat.disconnect_agent(uuid, timestamptz, timestamptz, uuid, timestamptz, timestamptz)', []],
       ['GRANT heartbeat_writer TO postgres', []],
       ['CREATE ROLE hb_intruder LOGIN', []],
     ];

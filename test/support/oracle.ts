@@ -13,15 +13,15 @@
  *     newest set. Within one COPY batch or one merge the tie-break order is
  *     deterministic, but which events share a batch depends on timing;
  *   - disconnect_agent sets disconnected_at, updated_at and (when given) the
- *     replica, and never touches first_connected_at or last_connected_at, so
- *     when a disconnect is the newest event those two columns come from
- *     whichever heartbeat was applied last before it (timing), or the initial row;
- *   - first_connected_at = LEAST(row, min first_connected_at of the staged rows
- *     of each merge that APPLIED). A merge whose newest staged snapshot is stale
- *     does not apply its first_connected_at, and stager.disconnect() drops a
- *     pending snapshot (with its first_connected_at). So the final value is the
- *     initial one or the first_connected_at of some heartbeat, never later than
- *     the initial value nor than the applied snapshot's own first_connected_at.
+ *     replica; last_connected_at only when the stager passes on a pending
+ *     heartbeat it drops; so when a disconnect is the newest event
+ *     last_connected_at comes from whichever heartbeat was applied or dropped
+ *     last before it (timing), or the initial row;
+ *   - first_connected_at is exact and order-independent: the earliest of the
+ *     initial row's and every heartbeat's. Every heartbeat's value reaches the
+ *     row: the client keeps the earliest when it dedupes, the merge applies it
+ *     even from a stale snapshot, and stager.disconnect() passes on the one of a
+ *     pending heartbeat it drops (disconnect_agent keeps it even when stale).
  * Times are epoch ms; NaN stands for NULL.
  */
 
@@ -54,8 +54,6 @@ export type AgentEvent = HeartbeatEvent | DisconnectEvent;
 
 const least = (a: number, b: number): number => (Number.isNaN(a) ? b : Number.isNaN(b) ? a : Math.min(a, b));
 const same = (a: number, b: number): boolean => (Number.isNaN(a) ? Number.isNaN(b) : a === b);
-/** a <= b where NULL (NaN) is treated as +infinity, as LEAST treats it. */
-const notLater = (a: number, b: number): boolean => Number.isNaN(b) || (!Number.isNaN(a) && a <= b);
 
 /**
  * Returns null when `actual` is a state the database may legitimately reach
@@ -64,29 +62,29 @@ const notLater = (a: number, b: number): boolean => Number.isNaN(b) || (!Number.
 export function checkAgent(initial: OracleRow, events: AgentEvent[], actual: OracleRow): string | null {
   const newest = Math.max(initial.updated, ...events.map((e) => e.updated));
   if (actual.updated !== newest) return `updated_at ${actual.updated} is not the newest event's ${newest}`;
-  if (events.every((e) => e.updated <= initial.updated)) {
-    return rowEquals(initial, actual) ? null : 'no event was newer than the initial row, yet the row changed';
-  }
   const heartbeats = events.filter((e): e is HeartbeatEvent => e.kind === 'heartbeat');
-  const firstOk = (first: number, upperBound: number): boolean =>
-    notLater(first, upperBound) &&
-    (same(first, initial.first) || heartbeats.some((h) => same(first, least(initial.first, h.first)) || same(first, h.first)));
+  const earliestFirst = heartbeats.reduce((m, h) => least(m, h.first), initial.first);
+  if (!same(actual.first, earliestFirst)) {
+    return `first_connected_at ${actual.first} is not the earliest ever seen (${earliestFirst})`;
+  }
+  if (events.every((e) => e.updated <= initial.updated)) {
+    return rowEquals({ ...initial, first: earliestFirst }, actual) ? null : 'no event was newer than the initial row, yet the row changed';
+  }
   const tied = events.filter((e) => e.updated === newest);
   for (const e of tied) {
     if (e.kind === 'heartbeat') {
-      // the tied heartbeat was applied: its columns, and first no later than its own (LEAST)
+      // the tied heartbeat was applied: its columns
       if (
-        same(actual.last, e.last) && same(actual.disconnected, e.disconnected) && actual.replica === e.replica &&
-        firstOk(actual.first, least(initial.first, e.first))
+        same(actual.last, e.last) && same(actual.disconnected, e.disconnected) && actual.replica === e.replica
       ) return null;
     } else {
-      // the disconnect was applied; last/first come from the last heartbeat applied before it (or the initial row)
+      // the disconnect was applied; last comes from the last heartbeat applied (or dropped) before it, or the initial row
       if (!same(actual.disconnected, e.disconnected)) continue;
-      const before = heartbeats.filter((h) => h.updated < newest);
+      const before = heartbeats.filter((h) => h.updated <= newest);
       const replicaOk = (r: string | null): boolean => (e.replica !== null ? actual.replica === e.replica : actual.replica === r);
-      if (same(actual.last, initial.last) && same(actual.first, initial.first) && replicaOk(initial.replica)) return null;
+      if (same(actual.last, initial.last) && replicaOk(initial.replica)) return null;
       for (const h of before) {
-        if (same(actual.last, h.last) && firstOk(actual.first, least(initial.first, h.first)) && (e.replica !== null || replicaOk(h.replica))) {
+        if (same(actual.last, h.last) && (e.replica !== null || replicaOk(h.replica))) {
           return null;
         }
       }
