@@ -6,41 +6,25 @@
  * HEARTBEAT_OUTAGE_MS shortens the outage for local runs (default 30000).
  */
 import assert from 'node:assert/strict';
-import { after, before, test } from 'node:test';
+import { test } from 'node:test';
 import pg from 'pg';
 import { mergeNow } from '../../src/merge.ts';
 import { HeartbeatStager } from '../../src/stager.ts';
-import { startCluster, type Cluster } from '../support/cluster.ts';
-import { createAgents, createTestDb, type TestDb } from '../support/db.ts';
+import { privateCluster } from '../support/private-cluster.ts';
+import { createAgents } from '../support/db.ts';
 import { recordingLogger, waitFor } from '../support/wait.ts';
 
-let cluster: Cluster;
-let db: TestDb;
-const crashes: unknown[] = [];
-const onUnhandled = (err: unknown): void => void crashes.push(err);
-
-before(async () => {
-  process.on('unhandledRejection', onUnhandled);
-  process.on('uncaughtException', onUnhandled);
-  cluster = await startCluster({ settings: { shared_buffers: '32MB', max_connections: 30 } });
-  db = await createTestDb('fault_outage', { admin: cluster.url() });
-});
-after(async () => {
-  process.off('unhandledRejection', onUnhandled);
-  process.off('uncaughtException', onUnhandled);
-  await db?.drop().catch(() => {});
-  await cluster?.destroy();
-});
+const env = privateCluster('fault_outage', { max_connections: 30 });
 
 test('a 30 s outage: stage() never waits, memory bounded by agents, one log line per backoff step, all lands after', async (t) => {
   const OUTAGE_MS = Number(process.env.HEARTBEAT_OUTAGE_MS ?? 30_000);
   const AGENTS = 2000;
   const RETRY_INITIAL = 250;
   const RETRY_MAX = 4000;
-  const ids = await createAgents(db.pool, AGENTS);
+  const ids = await createAgents(env.db.pool, AGENTS);
   const log = recordingLogger();
   const stager = new HeartbeatStager(
-    { connectionString: db.url, max: 2 },
+    { connectionString: env.db.url, max: 2 },
     { flushIntervalMs: 200, retryInitialDelayMs: RETRY_INITIAL, retryMaxDelayMs: RETRY_MAX, logger: log },
   );
   const newest = new Map<string, number>();
@@ -66,13 +50,13 @@ test('a 30 s outage: stage() never waits, memory bounded by agents, one log line
   }, 100);
   try {
     await waitFor(() => stager.stats().copies >= 2, 'COPYs before the outage');
-    await cluster.stopServer('fast');
+    await env.cluster.stopServer('fast');
     down = true;
     const failuresBefore = stager.stats().failedCopies;
     const ticksBefore = tick;
     await new Promise((r) => setTimeout(r, OUTAGE_MS));
     const ticksDuringOutage = tick - ticksBefore;
-    await cluster.start();
+    await env.cluster.start();
     down = false;
     await new Promise((r) => setTimeout(r, 500));
     clearInterval(beat);
@@ -100,19 +84,19 @@ test('a 30 s outage: stage() never waits, memory bounded by agents, one log line
     assert.equal(log.calls.filter((c) => /recovered/.test(c.message)).length, 1, 'recovery reported once');
 
     // every agent's newest update lands
-    const mergePool = new pg.Pool({ connectionString: db.url, max: 1 });
+    const mergePool = new pg.Pool({ connectionString: env.db.url, max: 1 });
     mergePool.on('error', () => {});
     await waitFor(async () => {
       const r = await mergeNow(mergePool);
       return !r.skippedConcurrent && r.rowsConsumed === 0;
     }, 'merges', 30_000, 50);
     await mergePool.end();
-    const { rows } = await db.pool.query<{ id: string; updated_at: Date }>(
+    const { rows } = await env.db.pool.query<{ id: string; updated_at: Date }>(
       'SELECT id, updated_at FROM public.workspace_agents WHERE id = ANY($1::uuid[])', [ids],
     );
     const wrong = rows.filter((r) => newest.has(r.id) && r.updated_at.getTime() !== newest.get(r.id));
     assert.equal(wrong.length, 0, `${wrong.length} agents lack their newest update`);
-    assert.equal(crashes.length, 0, `no unhandled rejection or exception: ${crashes.map(String).join('; ')}`);
+    assert.equal(env.crashes.length, 0, `no unhandled rejection or exception: ${env.crashes.map(String).join('; ')}`);
   } finally {
     clearInterval(beat);
     await stager.close();

@@ -6,7 +6,7 @@
  * staged since the last merge); with durableStaging nothing staged is lost.
  */
 import assert from 'node:assert/strict';
-import { after, before, describe, test } from 'node:test';
+import { describe, test } from 'node:test';
 import pg from 'pg';
 import { isStagingDurable } from '../../src/durability.ts';
 import { ConnectionError, HeartbeatError } from '../../src/errors.ts';
@@ -14,34 +14,18 @@ import { mergeNow } from '../../src/merge.ts';
 import { migrate } from '../../src/migrate.ts';
 import { silentLogger } from '../../src/logger.ts';
 import { HeartbeatStager } from '../../src/stager.ts';
-import { startCluster, type Cluster } from '../support/cluster.ts';
-import { createAgents, createTestDb, stagedCount, type TestDb } from '../support/db.ts';
+import { privateCluster } from '../support/private-cluster.ts';
+import { createAgents, createTestDb, stagedCount } from '../support/db.ts';
 import { recordingLogger, waitFor } from '../support/wait.ts';
 
-let cluster: Cluster;
-let db: TestDb;
-const crashes: unknown[] = [];
-const onUnhandled = (err: unknown): void => void crashes.push(err);
-
-before(async () => {
-  process.on('unhandledRejection', onUnhandled);
-  process.on('uncaughtException', onUnhandled);
-  cluster = await startCluster({ settings: { shared_buffers: '32MB', max_connections: 40, synchronous_commit: 'on' } });
-  db = await createTestDb('fault_restart', { admin: cluster.url() });
-});
-after(async () => {
-  process.off('unhandledRejection', onUnhandled);
-  process.off('uncaughtException', onUnhandled);
-  await db?.drop().catch(() => {});
-  await cluster?.destroy();
-});
+const env = privateCluster('fault_restart', { synchronous_commit: 'on' });
 
 const T0 = Date.UTC(2026, 0, 1);
 const at = (round: number): Date => new Date(T0 + round * 1000);
 
 function newStager(logger = silentLogger): HeartbeatStager {
   return new HeartbeatStager(
-    { connectionString: db.url, max: 2 },
+    { connectionString: env.db.url, max: 2 },
     { flushIntervalMs: 50, retryInitialDelayMs: 50, retryMaxDelayMs: 500, logger },
   );
 }
@@ -55,7 +39,7 @@ async function mergeAll(pool: pg.Pool): Promise<void> {
 }
 
 async function updatedAtCounts(ids: string[]): Promise<Map<number, number>> {
-  const { rows } = await db.pool.query<{ t: Date; n: string }>(
+  const { rows } = await env.db.pool.query<{ t: Date; n: string }>(
     'SELECT updated_at AS t, count(*) AS n FROM public.workspace_agents WHERE id = ANY($1::uuid[]) GROUP BY 1',
     [ids],
   );
@@ -70,10 +54,10 @@ function stageRound(stager: HeartbeatStager, ids: string[], round: number): void
 
 describe('PostgreSQL restarted or crashed mid-run', () => {
   test('fast restart while staging and merging: the client carries on, every newest update lands', async () => {
-    const ids = await createAgents(db.pool, 500);
+    const ids = await createAgents(env.db.pool, 500);
     const log = recordingLogger();
     const stager = newStager(log);
-    const mergePool = new pg.Pool({ connectionString: db.url, max: 1 });
+    const mergePool = new pg.Pool({ connectionString: env.db.url, max: 1 });
     mergePool.on('error', () => {});
     const mergeErrors: unknown[] = [];
     let running = true;
@@ -86,7 +70,7 @@ describe('PostgreSQL restarted or crashed mid-run', () => {
       }
     })();
     await waitFor(async () => round > 5, 'a few rounds before the restart');
-    await cluster.restart('fast');
+    await env.cluster.restart('fast');
     const afterRestart = round;
     await waitFor(() => round > afterRestart + 5 && stager.stats().copies > 0, 'rounds after the restart', 30_000);
     running = false;
@@ -101,16 +85,16 @@ describe('PostgreSQL restarted or crashed mid-run', () => {
     await mergePool.end();
     assert.deepEqual([...(await updatedAtCounts(ids))], [[at(last).getTime(), ids.length]], 'every agent holds the last round');
     for (const err of mergeErrors) assert.ok(err instanceof HeartbeatError, `merge failures are typed: ${String(err)}`);
-    assert.deepEqual(crashes, [], 'no unhandled rejection or exception');
+    assert.deepEqual(env.crashes, [], 'no unhandled rejection or exception');
   });
 
   test('crash (immediate): memory is kept; the UNLOGGED staging rows since the last merge are lost, no more', async () => {
-    const ids = await createAgents(db.pool, 1000);
+    const ids = await createAgents(env.db.pool, 1000);
     const half = ids.length / 2;
     const [inMemory, onlyStaged] = [ids.slice(0, half), ids.slice(half)];
     const log = recordingLogger();
     const stager = newStager(log);
-    const mergePool = new pg.Pool({ connectionString: db.url, max: 1 });
+    const mergePool = new pg.Pool({ connectionString: env.db.url, max: 1 });
     mergePool.on('error', () => {});
 
     stageRound(stager, ids, 1); // round 1: merged, durable in workspace_agents
@@ -118,15 +102,15 @@ describe('PostgreSQL restarted or crashed mid-run', () => {
     await mergeNow(mergePool);
     stageRound(stager, onlyStaged, 2); // round 2: copied to staging, not merged yet
     await stager.flush();
-    const stagedAtCrash = await stagedCount(db.pool);
+    const stagedAtCrash = await stagedCount(env.db.pool);
     assert.equal(stagedAtCrash, half);
 
-    await cluster.stopServer('immediate'); // the crash
+    await env.cluster.stopServer('immediate'); // the crash
     stageRound(stager, inMemory, 3); // round 3: only in the client's memory while the server is down
     assert.equal(stager.stats().pendingAgents, half);
     const merged = await mergeNow(mergePool).then(() => null, (err: unknown) => err);
     assert.ok(merged instanceof ConnectionError, `merge during the outage fails with ConnectionError, got ${String(merged)}`);
-    await cluster.start(); // crash recovery resets UNLOGGED tables
+    await env.cluster.start(); // crash recovery resets UNLOGGED tables
 
     await waitFor(() => stager.stats().pendingAgents === 0, 'the background retry copying round 3', 30_000);
     await mergeAll(mergePool);
@@ -138,31 +122,31 @@ describe('PostgreSQL restarted or crashed mid-run', () => {
     assert.ok(log.calls.some((c) => c.level === 'info' && /recovered/.test(c.message)), 'recovery is reported');
     await stager.close();
     await mergePool.end();
-    assert.deepEqual(crashes, [], 'no unhandled rejection or exception');
+    assert.deepEqual(env.crashes, [], 'no unhandled rejection or exception');
   });
 
   test('crash with durableStaging: nothing staged is lost', async () => {
-    await migrate({ connectionString: db.url }, { logger: silentLogger, durableStaging: true });
-    assert.equal(await isStagingDurable(db.pool), true);
-    const ids = await createAgents(db.pool, 1000);
+    await migrate({ connectionString: env.db.url }, { logger: silentLogger, durableStaging: true });
+    assert.equal(await isStagingDurable(env.db.pool), true);
+    const ids = await createAgents(env.db.pool, 1000);
     const stager = newStager();
-    const mergePool = new pg.Pool({ connectionString: db.url, max: 1 });
+    const mergePool = new pg.Pool({ connectionString: env.db.url, max: 1 });
     mergePool.on('error', () => {});
     stageRound(stager, ids, 1);
     await stager.flush();
     await mergeNow(mergePool);
     stageRound(stager, ids, 2);
     await stager.flush();
-    assert.equal(await stagedCount(db.pool), ids.length);
-    await cluster.restart('immediate');
-    await waitFor(async () => (await stagedCount(db.pool)) === ids.length, 'the staged rows after recovery', 30_000, 100);
+    assert.equal(await stagedCount(env.db.pool), ids.length);
+    await env.cluster.restart('immediate');
+    await waitFor(async () => (await stagedCount(env.db.pool)) === ids.length, 'the staged rows after recovery', 30_000, 100);
     await mergeAll(mergePool);
     assert.deepEqual([...(await updatedAtCounts(ids))], [[at(2).getTime(), ids.length]], 'every staged row survived the crash');
     await stager.close();
     await mergePool.end();
     // and back: false makes it UNLOGGED again
-    await migrate({ connectionString: db.url }, { logger: silentLogger, durableStaging: false });
-    assert.equal(await isStagingDurable(db.pool), false);
-    assert.deepEqual(crashes, [], 'no unhandled rejection or exception');
+    await migrate({ connectionString: env.db.url }, { logger: silentLogger, durableStaging: false });
+    assert.equal(await isStagingDurable(env.db.pool), false);
+    assert.deepEqual(env.crashes, [], 'no unhandled rejection or exception');
   });
 });
