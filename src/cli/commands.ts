@@ -1,3 +1,4 @@
+import { benchCommand } from './bench-command.ts';
 import type { Command } from './command.ts';
 import { demoCommand } from './demo-command.ts';
 import { mergeCommand } from './merge-command.ts';
@@ -8,4 +9,4 @@ import { statusCommand } from './status-command.ts';
 import { unscheduleCommand } from './unschedule-command.ts';
 
 /** Every subcommand, in the order --help lists them. */
-export const commands: Command[] = [migrateCommand, mergeCommand, mergerCommand, scheduleCommand, unscheduleCommand, statusCommand, demoCommand];
+export const commands: Command[] = [migrateCommand, mergeCommand, mergerCommand, scheduleCommand, unscheduleCommand, statusCommand, demoCommand, benchCommand];

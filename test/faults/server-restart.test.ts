@@ -15,7 +15,7 @@ import { migrate } from '../../src/migrate.ts';
 import { silentLogger } from '../../src/logger.ts';
 import { HeartbeatStager } from '../../src/stager.ts';
 import { privateCluster } from '../support/private-cluster.ts';
-import { createAgents, createTestDb, stagedCount } from '../support/db.ts';
+import { createAgents, stagedCount } from '../support/db.ts';
 import { recordingLogger, waitFor } from '../support/wait.ts';
 
 const env = privateCluster('fault_restart', { synchronous_commit: 'on' });
