@@ -2,6 +2,7 @@
  * Reading heartbeat.status (is the merge keeping up?) and
  * heartbeat.agent_status() (each agent's connection status), typed.
  */
+import type { MergeResult } from './merge.ts';
 import type pg from 'pg';
 import { resolvePool, type ConnectionOptions } from './connection.ts';
 import { toHeartbeatError } from './errors.ts';
@@ -17,17 +18,7 @@ export interface MergeStatus {
   oldestStagedAt: Date | null;
   /** checkedAt - oldestStagedAt (never negative); null when staging is empty. */
   mergeLagMs: number | null;
-  lastMerge: {
-    at: Date;
-    durationMs: number;
-    sinceMs: number;
-    rowsConsumed: number;
-    agentsUpdated: number;
-    skippedStale: number;
-    skippedUnknown: number;
-    skippedInvalid: number;
-    deferredLocked: number;
-  } | null;
+  lastMerge: (Omit<MergeResult, 'skippedConcurrent'> & { at: Date; durationMs: number; sinceMs: number }) | null;
   /** Merges run since the server started (merge_state is UNLOGGED: a crash resets it). */
   mergesTotal: number;
   cron: {
