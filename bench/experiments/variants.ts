@@ -1,0 +1,58 @@
+/**
+ * Experimental variants of pg-heartbeat, measured side by side with the
+ * defaults (`npm run bench -- --strategies pg-heartbeat,pg-heartbeat-ff100`).
+ * Each applies SQL from this folder on top of the phase's migrated database;
+ * nothing here changes sql/ or src/.
+ */
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { pgHeartbeatStrategy } from '../strategies/pg-heartbeat.ts';
+import type { Strategy } from '../strategies/types.ts';
+
+const DIR = fileURLToPath(new URL('.', import.meta.url));
+const sqlFile = (name: string): string => readFileSync(join(DIR, name), 'utf8');
+
+function fillfactor(ff: number): Strategy {
+  return pgHeartbeatStrategy({
+    key: `pg-heartbeat-ff${ff}`,
+    label: `pg-heartbeat, workspace_agents fillfactor ${ff}`,
+    prepareSql: [`ALTER TABLE public.workspace_agents SET (fillfactor = ${ff})`, 'VACUUM FULL public.workspace_agents', 'ANALYZE public.workspace_agents'],
+  });
+}
+
+export function experimentalStrategies(): Strategy[] {
+  const list: Strategy[] = [
+    fillfactor(100),
+    fillfactor(90),
+    fillfactor(70),
+    pgHeartbeatStrategy({
+      key: 'pg-heartbeat-v2',
+      label: 'pg-heartbeat, merge v2 (work_mem 128MB, one-pass counts, lazy unknown count)',
+      prepareSql: [sqlFile('merge-v2.sql')],
+      mergeSql: 'SELECT * FROM heartbeat.merge_agent_connections_v2()',
+    }),
+    pgHeartbeatStrategy({
+      key: 'pg-heartbeat-part2',
+      label: 'pg-heartbeat, staging in 2 hash partitions merged in parallel (v2 merge)',
+      prepareSql: [sqlFile('staging-partitioned.sql')],
+      mergeParallel: ['SELECT * FROM heartbeat.merge_agent_connections_p0()', 'SELECT * FROM heartbeat.merge_agent_connections_p1()'],
+    }),
+    pgHeartbeatStrategy({
+      key: 'pg-heartbeat-x3-lean',
+      label: 'pg-heartbeat, 3 replicas, flush every 7.5 s, one merger',
+      replicas: 3,
+      stager: { flushIntervalMs: 7500 },
+      mergeBy: 'first',
+    }),
+    pgHeartbeatStrategy({
+      key: 'pg-heartbeat-x3-startmerger',
+      label: 'pg-heartbeat, 3 replicas, each with startMerger() (5 s, ±10% jitter)',
+      replicas: 3,
+      useStartMerger: true,
+    }),
+  ];
+  return list;
+}
+
+export { sqlFile };
