@@ -173,12 +173,20 @@ export function earliest(a: number, b: number): number {
 }
 
 /**
- * Folds `incoming` into `kept` (same agent): the winning snapshot, with the
- * earliest first_connected_at of both. Returns the object to keep.
+ * Folds `incoming` into `kept` (same agent), in place: `kept` becomes the
+ * winning snapshot, with the earliest first_connected_at of both, and is
+ * returned. Updating the long-lived object instead of keeping the new one
+ * leaves `incoming` as short-lived garbage, which is what makes a repeat
+ * heartbeat cheap (no promotion to the old generation).
  */
 export function combine(kept: Snapshot, incoming: Snapshot): Snapshot {
   const first = earliest(kept.first, incoming.first);
-  const winner = compareSnapshots(incoming, kept) > 0 ? incoming : kept;
-  winner.first = first;
-  return winner;
+  if (compareSnapshots(incoming, kept) > 0) {
+    kept.last = incoming.last;
+    kept.replica = incoming.replica;
+    kept.disconnected = incoming.disconnected;
+    kept.updated = incoming.updated;
+  }
+  kept.first = first;
+  return kept;
 }

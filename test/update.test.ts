@@ -61,8 +61,9 @@ describe('snapshot order (mirrors the merge)', () => {
     const result = combine(kept, older);
     assert.equal(result, kept);
     assert.equal(result.first, 3);
-    const newer = snap({ updated: 30 });
-    assert.equal(combine(kept, newer), newer);
-    assert.equal(newer.first, 3);
+    assert.equal(result.updated, 20, 'the older snapshot lost');
+    const newer = snap({ updated: 30, last: 29, replica: 'r', disconnected: 28 });
+    assert.equal(combine(kept, newer), kept, 'updated in place');
+    assert.deepEqual(kept, { ...newer, first: 3 });
   });
 });
