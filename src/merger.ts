@@ -14,7 +14,10 @@ import { consoleLogger, type Logger } from './logger.ts';
 import { mergeNow, type MergeResult } from './merge.ts';
 
 export interface MergerOptions extends Omit<TimingOptions, 'mergeIntervalMs'> {
-  /** Time between the end of one merge and the start of the next (default 5 000 ms). */
+  /**
+   * Time from the start of one merge to the start of the next (default 5 000 ms). A merge that takes
+   * longer than that is followed at once by the next, never overlapped.
+   */
   intervalMs?: number;
   /** Random spread of each interval, as a fraction of it (default 0.1: ±10 %), so replicas drift apart. */
   jitter?: number;
@@ -113,19 +116,21 @@ class MergeLoop implements Merger {
     if (this.owned) await this.pool.end().catch((err: unknown) => this.logger.warn('ending the merger pool failed', { error: err }));
   }
 
-  #schedule(): void {
+  /** Schedules the next tick `interval ± jitter` after `since` (the last merge's start), at once if that is past. */
+  #schedule(since = performance.now()): void {
     if (this.#stopping) return;
-    const delay = this.intervalMs * (1 + this.jitter * (2 * Math.random() - 1));
-    this.#timer = setTimeout(() => this.#tick(), delay);
+    const delay = since + this.intervalMs * (1 + this.jitter * (2 * Math.random() - 1)) - performance.now();
+    this.#timer = setTimeout(() => this.#tick(), Math.max(0, delay));
     this.#timer.unref();
   }
 
   #tick(): void {
     this.#timer = undefined;
     if (this.#stopping) return;
+    const started = performance.now();
     this.#running = this.#mergeOnce().finally(() => {
       this.#running = undefined;
-      this.#schedule();
+      this.#schedule(started);
     });
   }
 
