@@ -4,7 +4,7 @@ import { pathToFileURL } from 'node:url';
 import { PACKAGE_ROOT } from '../paths.ts';
 import { checkDatabaseUrl, type Command, UsageError } from './command.ts';
 
-/** Options passed through to bench/run.ts (see docs/benchmark.md). */
+/** Options passed through to bench/run.ts (see the README, "Benchmark"). */
 const STRING_OPTIONS = ['sizes', 'duration', 'warmup', 'period', 'strategies', 'sample', 'ceiling-strategies', 'ceiling-duration', 'ceiling-start', 'out', 'tag'] as const;
 const BOOLEAN_OPTIONS = ['ceiling', 'no-micro'] as const;
 
