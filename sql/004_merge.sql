@@ -126,12 +126,17 @@ BEGIN
              WHERE wa.id = n.agent_id
                AND wa.updated_at < n.updated_at
             RETURNING wa.id
+        ), all_updated AS (
+            -- the steady state: every agent's snapshot applied, so nothing is stale or unknown
+            -- and the look at the rest below is skipped (a one-time filter, not a scan)
+            SELECT (SELECT count(*) FROM newest) = (SELECT count(*) FROM updated) AS yes
         ), earlier_first AS (
             -- a snapshot too old to apply still tells when the agent first connected
             UPDATE public.workspace_agents AS wa
                SET first_connected_at = n.first_connected_at
               FROM newest n
-             WHERE wa.id = n.agent_id
+             WHERE NOT (SELECT yes FROM all_updated)
+               AND wa.id = n.agent_id
                AND n.first_connected_at < COALESCE(wa.first_connected_at, 'infinity')
                AND NOT EXISTS (SELECT 1 FROM updated u WHERE u.id = n.agent_id)
             RETURNING 1
@@ -141,9 +146,10 @@ BEGIN
                  WHERE c.agent_id IS NULL OR c.updated_at IS NULL OR c.updated_at > horizon),
                (SELECT count(*) FROM newest),
                (SELECT count(*) FROM updated),
-               -- only agents the UPDATE did not touch need a second look
+               -- unknown agents: only those the UPDATE did not touch need a second look
                (SELECT count(*) FROM newest n
-                 WHERE NOT EXISTS (SELECT 1 FROM updated u WHERE u.id = n.agent_id)
+                 WHERE NOT (SELECT yes FROM all_updated)
+                   AND NOT EXISTS (SELECT 1 FROM updated u WHERE u.id = n.agent_id)
                    AND NOT EXISTS (SELECT 1 FROM public.workspace_agents wa WHERE wa.id = n.agent_id))
           INTO rows_consumed, skipped_invalid, n_agents, agents_updated, skipped_unknown;
         skipped_stale := n_agents - agents_updated - skipped_unknown;
