@@ -141,6 +141,23 @@ AS $horizon$
 $horizon$;
 REVOKE ALL ON FUNCTION heartbeat.clock_horizon() FROM PUBLIC;
 
+-- The direct writes (disconnect_agent, disconnect_replica) refuse what the merge
+-- would skip: a timestamp beyond heartbeat.clock_horizon() raises 22008.
+CREATE FUNCTION heartbeat.reject_future(latest timestamptz, caller text) RETURNS void
+LANGUAGE plpgsql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $reject$
+BEGIN
+    IF latest > heartbeat.clock_horizon() THEN
+        RAISE EXCEPTION '%: % is too far ahead of the database clock', caller, latest
+            USING ERRCODE = '22008',  -- datetime_field_overflow
+                  HINT = 'Check the clock of the replica (the bound is heartbeat.clock_horizon()).';
+    END IF;
+END
+$reject$;
+REVOKE ALL ON FUNCTION heartbeat.reject_future(timestamptz, text) FROM PUBLIC;
+
 CREATE FUNCTION heartbeat.merge_agent_connections()
 RETURNS TABLE (
     rows_consumed       bigint,
@@ -376,11 +393,7 @@ BEGIN
         RAISE EXCEPTION 'heartbeat.disconnect_agent: agent_id, disconnected_at and updated_at must not be NULL'
             USING ERRCODE = '22004';  -- null_value_not_allowed
     END IF;
-    IF GREATEST($2, $3, $5, $6) > heartbeat.clock_horizon() THEN
-        RAISE EXCEPTION 'heartbeat.disconnect_agent: a timestamp is too far ahead of the database clock (updated_at %)', $3
-            USING ERRCODE = '22008',  -- datetime_field_overflow
-                  HINT = 'Check the clock of the replica (the bound is heartbeat.clock_horizon()).';
-    END IF;
+    PERFORM heartbeat.reject_future(GREATEST($2, $3, $5, $6), 'heartbeat.disconnect_agent');
 
     UPDATE public.workspace_agents AS wa
        SET disconnected_at           = $2,

@@ -55,6 +55,23 @@ AS $horizon$
 $horizon$;
 REVOKE ALL ON FUNCTION heartbeat.clock_horizon() FROM PUBLIC;
 
+-- The direct writes (disconnect_agent, disconnect_replica) refuse what the merge
+-- would skip: a timestamp beyond heartbeat.clock_horizon() raises 22008.
+CREATE FUNCTION heartbeat.reject_future(latest timestamptz, caller text) RETURNS void
+LANGUAGE plpgsql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $reject$
+BEGIN
+    IF latest > heartbeat.clock_horizon() THEN
+        RAISE EXCEPTION '%: % is too far ahead of the database clock', caller, latest
+            USING ERRCODE = '22008',  -- datetime_field_overflow
+                  HINT = 'Check the clock of the replica (the bound is heartbeat.clock_horizon()).';
+    END IF;
+END
+$reject$;
+REVOKE ALL ON FUNCTION heartbeat.reject_future(timestamptz, text) FROM PUBLIC;
+
 CREATE FUNCTION heartbeat.merge_agent_connections()
 RETURNS TABLE (
     rows_consumed       bigint,

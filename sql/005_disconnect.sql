@@ -33,11 +33,7 @@ BEGIN
         RAISE EXCEPTION 'heartbeat.disconnect_agent: agent_id, disconnected_at and updated_at must not be NULL'
             USING ERRCODE = '22004';  -- null_value_not_allowed
     END IF;
-    IF GREATEST($2, $3, $5, $6) > heartbeat.clock_horizon() THEN
-        RAISE EXCEPTION 'heartbeat.disconnect_agent: a timestamp is too far ahead of the database clock (updated_at %)', $3
-            USING ERRCODE = '22008',  -- datetime_field_overflow
-                  HINT = 'Check the clock of the replica (the bound is heartbeat.clock_horizon()).';
-    END IF;
+    PERFORM heartbeat.reject_future(GREATEST($2, $3, $5, $6), 'heartbeat.disconnect_agent');
 
     UPDATE public.workspace_agents AS wa
        SET disconnected_at           = $2,

@@ -38,11 +38,7 @@ BEGIN
         RAISE EXCEPTION 'heartbeat.disconnect_replica: replica_id, disconnected_at and updated_at must not be NULL'
             USING ERRCODE = '22004';  -- null_value_not_allowed
     END IF;
-    IF GREATEST($2, $3) > heartbeat.clock_horizon() THEN
-        RAISE EXCEPTION 'heartbeat.disconnect_replica: updated_at % is too far ahead of the database clock', $3
-            USING ERRCODE = '22008',  -- datetime_field_overflow
-                  HINT = 'Check the clock of the replica (the bound is heartbeat.clock_horizon()).';
-    END IF;
+    PERFORM heartbeat.reject_future(GREATEST($2, $3), 'heartbeat.disconnect_replica');
 
     UPDATE public.workspace_agents AS wa
        SET disconnected_at = $2,

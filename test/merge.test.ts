@@ -135,6 +135,9 @@ describe('heartbeat.merge_agent_connections()', () => {
       const { rows } = await c.query('SELECT skipped_invalid FROM heartbeat.merge_agent_connections()');
       assert.equal(rows[0].skipped_invalid, '1');
       await assert.rejects(c.query('SELECT heartbeat.disconnect_agent($1, $2, $2)', [a, future]), { code: '22008' });
+      await assert.rejects(c.query('SELECT heartbeat.disconnect_replica($1, $2, $2)', [randomUUID(), future]), {
+        code: '22008', message: /heartbeat\.disconnect_replica: .* is too far ahead of the database clock/,
+      });
     } finally {
       c.release();
     }
