@@ -262,6 +262,11 @@ BEGIN
         -- every row we can lock now and put the snapshots of the locked agents
         -- back into staging, so one busy row never stalls the whole fleet. It
         -- costs about twice the fast path (an extra lock pass), hence only here.
+        -- Its consumed/newest CTEs repeat the fast path's on purpose: the fast
+        -- path's DELETE was rolled back with its subtransaction, so the rows must
+        -- be consumed again, in this statement (a CTE cannot be shared across
+        -- statements, and parking the rows in a temp table would be session state,
+        -- which a transaction pooler cannot keep).
         WITH consumed AS (
             DELETE FROM heartbeat.agent_connection_staging
             RETURNING agent_id, first_connected_at, last_connected_at,
