@@ -34,6 +34,14 @@ export interface ClusterOptions {
   settings?: Record<string, string | number>;
   /** Directory of initdb/pg_ctl/postgres; default from PG_BIN / PG_MAJOR / the system. */
   binDir?: string;
+  /**
+   * Fills the (not yet existing) data directory instead of initdb, e.g. with
+   * pg_basebackup for a standby. Run commands with `runAsServerUser` so the files
+   * belong to the server's OS user. The settings above are appended to the
+   * postgresql.auto.conf it leaves (earlier lines, such as pg_basebackup -R's
+   * primary_conninfo, stay; for a repeated name the last line wins).
+   */
+  createDataDir?: (dataDir: string, binDir: string) => Promise<void>;
 }
 
 export function freePort(): Promise<number> {
@@ -124,6 +132,11 @@ function osUser(): { uid: number; gid: number } | undefined {
   return { uid, gid };
 }
 
+/** Runs a PostgreSQL program as the OS user the test servers run as (`postgres` when we are root); rejects on a non-zero exit. */
+export function runAsServerUser(bin: string, args: string[]): Promise<string> {
+  return run(bin, args, osUser());
+}
+
 function run(bin: string, args: string[], user: { uid: number; gid: number } | undefined, quiet = false): Promise<string> {
   return new Promise((resolve, reject) => {
     const child = spawn(bin, args, { ...(user ?? {}), stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, LC_ALL: 'C' } });
@@ -142,7 +155,13 @@ export async function startCluster(options: ClusterOptions = {}): Promise<Cluste
   const dataDir = join(root, 'data');
   const logFile = join(root, 'server.log');
   if (user) chownSync(root, user.uid, user.gid);
-  await run(join(binDir, 'initdb'), ['-D', dataDir, '-U', 'postgres', '-A', 'trust', '-E', 'UTF8', '--locale=C', '--no-sync'], user);
+  try {
+    if (options.createDataDir) await options.createDataDir(dataDir, binDir);
+    else await run(join(binDir, 'initdb'), ['-D', dataDir, '-U', 'postgres', '-A', 'trust', '-E', 'UTF8', '--locale=C', '--no-sync'], user);
+  } catch (err) {
+    rmSync(root, { recursive: true, force: true });
+    throw err;
+  }
   const port = await freePort();
   const settings: Record<string, string | number> = {
     listen_addresses: "'127.0.0.1'",
@@ -155,9 +174,12 @@ export async function startCluster(options: ClusterOptions = {}): Promise<Cluste
     shared_buffers: "'128MB'",
     ...Object.fromEntries(Object.entries(options.settings ?? {}).map(([k, v]) => [k, typeof v === 'number' ? v : `'${v}'`])),
   };
+  // appended: keeps what initdb or createDataDir wrote (initdb's is only a comment header)
+  const autoConf = join(dataDir, 'postgresql.auto.conf');
+  const before = existsSync(autoConf) ? readFileSync(autoConf, 'utf8') : '';
   writeFileSync(
-    join(dataDir, 'postgresql.auto.conf'),
-    Object.entries(settings).map(([k, v]) => `${k} = ${v}`).join('\n') + '\n',
+    autoConf,
+    (before && !before.endsWith('\n') ? `${before}\n` : before) + Object.entries(settings).map(([k, v]) => `${k} = ${v}`).join('\n') + '\n',
   );
   if (user) chownSync(join(dataDir, 'postgresql.auto.conf'), user.uid, user.gid);
   const pgCtl = (...args: string[]): Promise<string> => run(join(binDir, 'pg_ctl'), ['-D', dataDir, ...args], user);
