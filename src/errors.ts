@@ -30,8 +30,21 @@ export class InvalidUpdateError extends HeartbeatError {
 export class ClosedError extends HeartbeatError {
   override readonly name = 'ClosedError';
 
-  constructor(what: string) {
-    super(`${what} is closed`, { code: 'CLOSED' });
+  /** `what` is closed; or, with `reason`, `what` was cancelled because of it. */
+  constructor(what: string, reason?: string) {
+    super(reason === undefined ? `${what} is closed` : `${what} was cancelled: ${reason}`, { code: 'CLOSED' });
+  }
+}
+
+/** An option passed to pg-heartbeat is out of range or of the wrong type. */
+export class InvalidOptionError extends HeartbeatError {
+  override readonly name = 'InvalidOptionError';
+  /** The option, e.g. `flushIntervalMs`. */
+  readonly option: string;
+
+  constructor(option: string, message: string) {
+    super(`pg-heartbeat: ${option} ${message}`, { code: 'INVALID_OPTION' });
+    this.option = option;
   }
 }
 
@@ -106,6 +119,9 @@ export function toHeartbeatError(err: unknown, doing: string): HeartbeatError {
   }
   if (code === '57014' || code === '55P03') {
     return new TimeoutError(text, { code: 'TIMEOUT', sqlState: code, cause: err });
+  }
+  if (code === '40P01' || code === '40001') {
+    return new DatabaseError(`${text} (retry)`, { code: 'CONFLICT', sqlState: code, cause: err });
   }
   return new DatabaseError(text, { sqlState: code, cause: err });
 }

@@ -1,10 +1,10 @@
-export { HeartbeatStager, type StagerOptions, type StagerStats } from './stager.ts';
-export { mergeNow, type MergeResult } from './merge.ts';
+export { HeartbeatStager, type CloseReport, type StagerOptions, type StagerStats } from './stager.ts';
+export { mergeNow, type MergeOptions, type MergeResult } from './merge.ts';
 export { migrate, type MigrateOptions, MIGRATIONS_DIR, MIGRATIONS_TABLE } from './migrate.ts';
 export { startMerger, type Merger, type MergerOptions, type MergeReport, type MergerStats } from './merger.ts';
 export { checkTimingInvariant, TIMING_DEFAULTS, type TimingCheck, type TimingOptions } from './invariant.ts';
 export { scheduleMerge, unscheduleMerge, type MergeJob, type ScheduleOptions } from './schedule.ts';
-export { readStatus, agentStatus, type MergeStatus, type AgentStatus, type AgentConnectionStatus } from './status.ts';
+export { readStatus, agentStatus, type MergeStatus, type PartStatus, type AgentStatus, type AgentConnectionStatus } from './status.ts';
 export { assertSessionConnection, TransactionPoolerError } from './pooler.ts';
 export type { ConnectionOptions } from './connection.ts';
 export type { AgentDisconnect, AgentUpdate } from './update.ts';
@@ -14,6 +14,7 @@ export {
   ConnectionError,
   DatabaseError,
   HeartbeatError,
+  InvalidOptionError,
   InvalidUpdateError,
   MigrationsMissingError,
   PermissionDeniedError,

@@ -1,7 +1,15 @@
-import type pg from 'pg';
+/**
+ * One merge, called from the client: heartbeat.merge_agent_connections() (every
+ * part of staging) or heartbeat.merge_staging_part() (one part), under a
+ * deadline, whatever the session's default isolation level.
+ */
+import pg from 'pg';
+import { type ConnectionOptions, deadline, destroyClient, isPool, resolvePool, withClient, endPool } from './connection.ts';
 import { toHeartbeatError } from './errors.ts';
+import { silentLogger } from './logger.ts';
+import { countOption, durationOption } from './options.ts';
 
-/** What one call of heartbeat.merge_agent_connections() did. */
+/** What one merge call (or a draining series of them) did. */
 export interface MergeResult {
   /** Staged rows consumed (deleted from staging). */
   rowsConsumed: number;
@@ -11,12 +19,45 @@ export interface MergeResult {
   skippedStale: number;
   /** Agents not present in workspace_agents (their rows were discarded). */
   skippedUnknown: number;
-  /** Rows without agent_id/updated_at or too far in the future (discarded). */
+  /** Rows without agent_id/updated_at, or with a timestamp that is not valid (discarded). */
   skippedInvalid: number;
   /** Agents whose row was locked by another transaction: put back in staging for the next merge. */
   deferredLocked: number;
-  /** True when another merge was running, so this one did nothing. */
+  /** Snapshots that failed to apply (a constraint, a trigger): moved to heartbeat.dead_letters. */
+  deadLettered: number;
+  /** True when every part asked for was being merged elsewhere, so this call did nothing. */
   skippedConcurrent: boolean;
+  /** Parts of staging asked for. */
+  parts: number;
+  /** Parts this call merged. */
+  partsMerged: number;
+  /** Parts skipped because another merge held their lock. */
+  partsSkippedConcurrent: number;
+  /** Parts skipped because another merger merged them less than minIntervalMs ago. */
+  partsSkippedRecent: number;
+  /** Parts that still hold rows (the row budget ran out): merge again now. */
+  partsWithMore: number[];
+  more: boolean;
+  /** A part lock this call found taken: its holder's backend pid, and since when merges find it taken. */
+  lockHolderPid: number | null;
+  lockBusySince: Date | null;
+  /** Merge statements run (more than one when draining). */
+  statements: number;
+}
+
+export interface MergeOptions {
+  /** Staged rows one statement consumes at most (default: heartbeat.settings.max_rows_per_merge, 50,000). */
+  maxRows?: number;
+  /** Merge only this part of staging (0 .. parts-1); default every part. */
+  part?: number;
+  /** Skip parts merged (and left empty) by another merger less than this many ms ago. */
+  minIntervalMs?: number;
+  /** Merge again while rows are left (default true), within timeoutMs. */
+  drain?: boolean;
+  /** Deadline of the whole call, pool checkout included (default 30,000 ms). */
+  timeoutMs?: number;
+  /** Aborting cuts the call off (its connection is destroyed). */
+  signal?: AbortSignal;
 }
 
 interface MergeRow {
@@ -26,12 +67,35 @@ interface MergeRow {
   skipped_unknown: string;
   skipped_invalid: string;
   deferred_locked: string;
+  dead_lettered: string;
   skipped_concurrent: boolean;
+  parts: number;
+  parts_merged: number;
+  parts_skipped_concurrent: number;
+  parts_skipped_recent: number;
+  parts_more: number[];
+  more: boolean;
+  lock_holder_pid: number | null;
+  lock_busy_since_us: string | null;
 }
 
-const MERGE_SQL = 'SELECT * FROM heartbeat.merge_agent_connections()';
+// times as epoch microseconds: exact whatever the session's DateStyle, TimeZone or extra_float_digits
+const COLUMNS = `rows_consumed, agents_updated, skipped_stale, skipped_unknown, skipped_invalid, deferred_locked,
+  dead_lettered, skipped_concurrent, parts, parts_merged, parts_skipped_concurrent, parts_skipped_recent, parts_more,
+  more, lock_holder_pid, (extract(epoch FROM lock_busy_since) * 1000000)::int8::text AS lock_busy_since_us`;
+const ALL_SQL = `SELECT ${COLUMNS} FROM heartbeat.merge_agent_connections($1::int4, make_interval(secs => $2::float8 / 1000))`;
+const PART_SQL = `SELECT ${COLUMNS} FROM heartbeat.merge_staging_part($3::int4, $1::int4, make_interval(secs => $2::float8 / 1000))`;
 
-/** Converts a row returned by heartbeat.merge_agent_connections() (bigints arrive as strings). */
+/** An empty result, to add calls into. */
+export function emptyMergeResult(): MergeResult {
+  return {
+    rowsConsumed: 0, agentsUpdated: 0, skippedStale: 0, skippedUnknown: 0, skippedInvalid: 0, deferredLocked: 0,
+    deadLettered: 0, skippedConcurrent: false, parts: 0, partsMerged: 0, partsSkippedConcurrent: 0,
+    partsSkippedRecent: 0, partsWithMore: [], more: false, lockHolderPid: null, lockBusySince: null, statements: 0,
+  };
+}
+
+/** Converts a row of heartbeat.merge_result (bigints arrive as strings). */
 export function toMergeResult(row: MergeRow): MergeResult {
   return {
     rowsConsumed: Number(row.rows_consumed),
@@ -40,20 +104,141 @@ export function toMergeResult(row: MergeRow): MergeResult {
     skippedUnknown: Number(row.skipped_unknown),
     skippedInvalid: Number(row.skipped_invalid),
     deferredLocked: Number(row.deferred_locked),
+    deadLettered: Number(row.dead_lettered),
     skippedConcurrent: row.skipped_concurrent,
+    parts: row.parts,
+    partsMerged: row.parts_merged,
+    partsSkippedConcurrent: row.parts_skipped_concurrent,
+    partsSkippedRecent: row.parts_skipped_recent,
+    partsWithMore: row.parts_more,
+    more: row.more,
+    lockHolderPid: row.lock_holder_pid,
+    lockBusySince: row.lock_busy_since_us === null ? null : new Date(Number(row.lock_busy_since_us) / 1000),
+    statements: 1,
   };
 }
 
 /**
- * Runs one merge now: applies every staged heartbeat to workspace_agents.
- * Safe to call from many processes at once: all but one return at once with
- * `skippedConcurrent: true`. Works with a pool or a single client.
+ * Adds `b` into `a` (counts summed; the parts of a series of calls over the same
+ * parts are not double counted: `a.parts` keeps the larger).
  */
-export async function mergeNow(db: pg.Pool | pg.ClientBase): Promise<MergeResult> {
+export function addMergeResults(a: MergeResult, b: MergeResult): MergeResult {
+  a.rowsConsumed += b.rowsConsumed;
+  a.agentsUpdated += b.agentsUpdated;
+  a.skippedStale += b.skippedStale;
+  a.skippedUnknown += b.skippedUnknown;
+  a.skippedInvalid += b.skippedInvalid;
+  a.deferredLocked += b.deferredLocked;
+  a.deadLettered += b.deadLettered;
+  a.partsMerged += b.partsMerged;
+  a.partsSkippedConcurrent += b.partsSkippedConcurrent;
+  a.partsSkippedRecent += b.partsSkippedRecent;
+  a.statements += b.statements;
+  if (b.lockBusySince && (!a.lockBusySince || b.lockBusySince < a.lockBusySince)) {
+    a.lockBusySince = b.lockBusySince;
+    a.lockHolderPid = b.lockHolderPid;
+  }
+  return a;
+}
+
+/** Databases (pools) whose sessions default to another isolation level than READ COMMITTED. */
+const needsReadCommitted = new WeakSet<object>();
+
+/**
+ * One merge statement on `client`. The merge needs READ COMMITTED: when the
+ * session's default is another level (25001 from the merge), it is run inside
+ * BEGIN ISOLATION LEVEL READ COMMITTED ... COMMIT, and `key` remembers that.
+ */
+export async function mergeStatement(
+  client: pg.ClientBase,
+  key: object,
+  args: { maxRows: number | null; minIntervalMs: number | null; part: number | null },
+): Promise<MergeResult> {
+  const sql = args.part === null ? ALL_SQL : PART_SQL;
+  const params: unknown[] = [args.maxRows, args.minIntervalMs];
+  if (args.part !== null) params.push(args.part);
+  if (!needsReadCommitted.has(key)) {
+    try {
+      const { rows } = await client.query<MergeRow>(sql, params);
+      return toMergeResult(rows[0]!);
+    } catch (err) {
+      if ((err as { code?: unknown }).code !== '25001' || !/READ COMMITTED/.test(String((err as Error).message))) throw err;
+      needsReadCommitted.add(key);
+    }
+  }
+  await client.query('BEGIN ISOLATION LEVEL READ COMMITTED');
   try {
-    const { rows } = await db.query<MergeRow>(MERGE_SQL);
+    const { rows } = await client.query<MergeRow>(sql, params);
+    await client.query('COMMIT');
     return toMergeResult(rows[0]!);
+  } catch (err) {
+    await client.query('ROLLBACK').catch(() => {});
+    throw err;
+  }
+}
+
+/**
+ * Runs a merge now: applies staged heartbeats to workspace_agents (by default
+ * every part, again while rows are left). Safe to call from many processes at
+ * once: a part being merged elsewhere is skipped (`partsSkippedConcurrent`,
+ * `skippedConcurrent` when all were). Fails with a TimeoutError past
+ * `timeoutMs` (the connection is destroyed; the merge's own transaction rolls
+ * back or commits on the server, either way consistently).
+ *
+ * `connection` is `{ pool }` or `{ connectionString }` like everywhere else; a
+ * pg.Pool or a connected pg.Client also works (a client you pass is used as is,
+ * and destroyed if the deadline passes).
+ */
+export async function mergeNow(
+  connection: ConnectionOptions | pg.Pool | pg.ClientBase,
+  options: MergeOptions = {},
+): Promise<MergeResult> {
+  const timeoutMs = durationOption(options.timeoutMs, 'timeoutMs', 30_000);
+  const maxRows = options.maxRows === undefined ? null : countOption(options.maxRows, 'maxRows', 0);
+  const part = options.part === undefined ? null : countOption(options.part, 'part', 0, 0, 63);
+  const minIntervalMs = options.minIntervalMs === undefined ? null : durationOption(options.minIntervalMs, 'minIntervalMs', 0, 0);
+  const drain = options.drain ?? true;
+  const started = performance.now();
+  const args = { maxRows, minIntervalMs, part };
+
+  const series = async (client: pg.ClientBase, key: object): Promise<MergeResult> => {
+    let total: MergeResult | undefined;
+    for (;;) {
+      const r = await mergeStatement(client, key, args);
+      if (total === undefined) total = r;
+      else {
+        addMergeResults(total, r);
+        total.partsWithMore = r.partsWithMore;
+        total.more = r.more;
+        total.skippedConcurrent = total.skippedConcurrent && r.skippedConcurrent;
+      }
+      if (!drain || !r.more || performance.now() - started > timeoutMs / 2) return total;
+    }
+  };
+
+  try {
+    if (isClient(connection)) {
+      const client = connection;
+      try {
+        return await deadline(series(client, client), timeoutMs, 'merge');
+      } catch (err) {
+        if ((err as { code?: unknown }).code === 'TIMEOUT') destroyClient(client);
+        throw err;
+      }
+    }
+    const { pool, owned } = resolvePool(connection as ConnectionOptions | pg.Pool, silentLogger, 'pg-heartbeat merge', 1);
+    try {
+      return await withClient(pool, (client) => series(client, pool), { deadlineMs: timeoutMs, what: 'merge', signal: options.signal });
+    } finally {
+      if (owned) await endPool(pool, 5000);
+    }
   } catch (err) {
     throw toHeartbeatError(err, 'merge');
   }
+}
+
+/** A connected client (pg.Client or a pool's client), not a pool nor connection options. */
+function isClient(x: unknown): x is pg.ClientBase {
+  return !isPool(x) && !!x && typeof x === 'object' && typeof (x as { query?: unknown }).query === 'function'
+    && !('pool' in x) && !('connectionString' in x);
 }

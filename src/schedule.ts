@@ -8,7 +8,7 @@
  * function in this database cannot do.
  */
 import pg from 'pg';
-import { resolvePool, withClient, type ConnectionOptions } from './connection.ts';
+import { deadline, destroyClient, POOL_DEFAULTS, resolvePool, withClient, type ConnectionOptions } from './connection.ts';
 import { toHeartbeatError } from './errors.ts';
 import { consoleLogger, type Logger } from './logger.ts';
 
@@ -68,17 +68,28 @@ export function clientConfigFor(pool: pg.Pool, database: string): pg.ClientConfi
 
 /** Runs `fn` with a client connected to pg_cron's database. */
 export async function withCronDatabase<T>(pool: pg.Pool, database: string, fn: (client: pg.Client) => Promise<T>): Promise<T> {
-  const client = new pg.Client(clientConfigFor(pool, database));
+  const client = new pg.Client({
+    ...clientConfigFor(pool, database),
+    connectionTimeoutMillis: POOL_DEFAULTS.connectionTimeoutMillis,
+    keepAlive: true,
+  });
   client.on('error', () => {});
+  let ok = false;
   try {
     await client.connect();
-    return await fn(client);
+    const result = await deadline(fn(client), OPERATION_DEADLINE_MS, `pg_cron in database ${JSON.stringify(database)}`);
+    ok = true;
+    return result;
   } catch (err) {
     throw toHeartbeatError(err, `pg_cron in database ${JSON.stringify(database)}`);
   } finally {
-    await client.end().catch(() => {});
+    if (ok) await deadline(client.end(), 5000, 'closing the connection').catch(() => destroyClient(client));
+    else destroyClient(client);
   }
 }
+
+/** Deadline of each scheduling operation (they are a few catalog queries). */
+const OPERATION_DEADLINE_MS = 30_000;
 
 async function describeJob(pool: pg.Pool, every: string): Promise<JobRow> {
   const { rows } = await pool.query<JobRow>('SELECT * FROM heartbeat.merge_job($1::interval)', [every]);
@@ -132,13 +143,16 @@ export async function unscheduleMerge(connection: ConnectionOptions, options: { 
       const { rows } = await pool.query<{ removed: boolean }>('SELECT heartbeat.unschedule_merge() AS removed');
       return rows[0]!.removed;
     }
-    return await withCronDatabase(pool, row.cron_database, async (client) => {
+    const removed = await withCronDatabase(pool, row.cron_database, async (client) => {
       const { rows } = await client.query<{ n: string }>(
         'SELECT count(*) AS n FROM cron.job j WHERE j.jobname = $1 AND cron.unschedule(j.jobid)',
         [row.job_name],
       );
       return Number(rows[0]!.n) > 0;
     });
+    // and the loop that is running (in this database) returns before its next merge
+    await pool.query('SELECT heartbeat.stop_merge_loops()');
+    return removed;
   } catch (err) {
     throw toHeartbeatError(err, 'unschedule the merge');
   } finally {
@@ -156,6 +170,6 @@ export async function findMergeJob(db: pg.Pool, job: { jobName: string; cronData
     return rows[0] ?? null;
   };
   const { rows } = await db.query<{ here: string }>('SELECT current_database() AS here');
-  if (rows[0]!.here === job.cronDatabase) return withClient(db, query);
+  if (rows[0]!.here === job.cronDatabase) return withClient(db, query, { deadlineMs: OPERATION_DEADLINE_MS, what: 'read cron.job' });
   return withCronDatabase(db, job.cronDatabase, query);
 }

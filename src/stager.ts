@@ -2,43 +2,58 @@ import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import pg from 'pg';
 import { from as copyFrom } from 'pg-copy-streams';
-import { type ConnectionOptions, resolvePool, withClient } from './connection.ts';
+import { type ConnectionOptions, endPool, resolvePool, withClient } from './connection.ts';
 import { encodeCopy } from './copy-encoder.ts';
-import { ClosedError, type HeartbeatError, TimeoutError, toHeartbeatError } from './errors.ts';
+import { ClosedError, type HeartbeatError, toHeartbeatError } from './errors.ts';
 import { consoleLogger, type Logger } from './logger.ts';
-import { type AgentDisconnect, type AgentUpdate, checkDisconnect, combine, earliest, type Snapshot, toSnapshot } from './update.ts';
+import { countOption, durationOption, functionOption } from './options.ts';
+import { Retained } from './retained.ts';
+import { callHook, safeLogger } from './safe-logger.ts';
+import { type AgentDisconnect, type AgentUpdate, canonicalUuid, checkDisconnect, combine, earliest, type Snapshot, toSnapshot } from './update.ts';
 
 export interface StagerOptions {
   /**
    * Background flush period. Default 2000 ms: with heartbeats every 15 s and a
    * merge every 5 s, the worst case from heartbeat to workspace_agents is
-   * 15 + 2 + 5 = 22 s, well inside the usual 30 s inactivity timeout, while one
-   * COPY per 2 s per replica is fewer statements than the reference batcher.
+   * 15 + 2 + 5 = 22 s, well inside the usual 30 s inactivity timeout.
    */
   flushIntervalMs?: number;
-  /**
-   * Flush as soon as this many distinct agents are pending. Default 10,000:
-   * one COPY of 10k rows is ~1 MB and takes tens of milliseconds, so only a
-   * replica serving far more than ~75k agents flushes early.
-   */
+  /** Flush as soon as this many distinct agents are pending. Default 10,000. */
   maxBatchSize?: number;
+  /**
+   * Rows per COPY statement at most (default 50,000): a large backlog (after an
+   * outage, or a resend) is written in several bounded COPYs, so none of them
+   * runs into statement_timeout.
+   */
+  maxRowsPerCopy?: number;
   /** First retry delay after a failed COPY (doubled per failure, with jitter). Default 250 ms. */
   retryInitialDelayMs?: number;
   /** Longest retry delay. Default 10,000 ms. */
   retryMaxDelayMs?: number;
+  /**
+   * Deadline of every database operation (pool checkout included): a COPY, a
+   * disconnect, a staging-epoch check. Past it the connection is destroyed and
+   * the operation fails with a TimeoutError (a COPY is retried). Default 30,000 ms.
+   */
+  queryTimeoutMs?: number;
   /** How long close() keeps trying to flush what is pending. Default 15,000 ms. */
   closeTimeoutMs?: number;
   /**
    * How far ahead of this process's clock a timestamp may be before stage()
-   * rejects it. Default 300,000 ms (5 min), the same bound the database applies
-   * (heartbeat.clock_horizon()), so a replica with a bad clock cannot freeze a row.
+   * rejects it. Default 300,000 ms (5 min), the same bound the database applies.
    */
   maxClockSkewMs?: number;
+  /**
+   * Keep what was COPYed until a merge has consumed it, and resend it when
+   * staging was reset (crash recovery or a failover empties UNLOGGED tables).
+   * Default true. Costs up to one more snapshot per agent in memory.
+   */
+  resendAfterReset?: boolean;
   /** Where failures and recoveries are reported. Default: warnings and errors to stderr. */
   logger?: Logger;
   /** Called with every background failure (after logging). Errors it throws are logged, never rethrown. */
   onError?: (error: HeartbeatError) => void;
-  /** Called after each successful COPY. */
+  /** Called after each successful COPY. Errors it throws are logged, never rethrown. */
   onFlush?: (info: { rows: number; durationMs: number }) => void;
 }
 
@@ -60,30 +75,45 @@ export interface StagerStats {
   droppedByDisconnect: number;
   /** Distinct agents not yet committed to staging (pending, or in a COPY in flight). */
   pendingAgents: number;
+  /** Agents whose COPYed update is kept until a merge has consumed it (for a resend after a reset). */
+  retainedAgents: number;
+  /** Times staging was found reset (crash recovery, failover) and kept updates were resent. */
+  resets: number;
+  /** Agents' updates resent after resets. */
+  resentAgents: number;
   /** Duration of the last successful COPY in milliseconds, or null. */
   lastCopyDurationMs: number | null;
+}
+
+/** What close() could not write. */
+export interface CloseReport {
+  /** Agents whose newest update was not written. */
+  lost: number;
+  /** Agents whose update was in a COPY that was cut off: written or not, unknown. */
+  uncertain: number;
 }
 
 const STAGING = `${pg.escapeIdentifier('heartbeat')}.${pg.escapeIdentifier('agent_connection_staging')}`;
 const COPY_SQL =
   `COPY ${STAGING} (agent_id, first_connected_at, last_connected_at, last_connected_replica_id, ` +
   'disconnected_at, updated_at) FROM STDIN (FORMAT binary)';
-const DISCONNECT_SQL = 'SELECT heartbeat.disconnect_agent($1, $2, $3, $4, $5, $6) AS applied';
-const toDate = (ms: number): Date | null => (Number.isNaN(ms) ? null : new Date(ms));
+// every timestamp crosses the wire as ISO 8601 UTC text or epoch microseconds: exact whatever the
+// session's DateStyle, TimeZone or the process's TZ (node-postgres would render a Date in local time)
+const DISCONNECT_SQL =
+  'SELECT heartbeat.disconnect_agent($1::uuid, $2::timestamptz, $3::timestamptz, $4::uuid, $5::timestamptz, $6::timestamptz) AS applied';
+const DISCONNECT_REPLICA_SQL = 'SELECT heartbeat.disconnect_replica($1::uuid, $2::timestamptz, $3::timestamptz)::text AS n';
+const EPOCH_SQL =
+  'SELECT epoch::text AS epoch, (extract(epoch FROM drained_through) * 1000000)::int8::text AS drained_us, ' +
+  '(extract(epoch FROM checked_at) * 1000000)::int8::text AS checked_us FROM heartbeat.staging_epoch()';
+/** How often kept updates are checked against the merges' progress (and staging for a reset) when idle. */
+const PROGRESS_CHECK_MS = 15_000;
 
-function timeout<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  const expired = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new TimeoutError(`${what} did not finish within ${ms} ms`, { code: 'TIMEOUT' })), ms);
-  });
-  return Promise.race([promise, expired]).finally(() => clearTimeout(timer));
-}
-
+const iso = (ms: number): string | null => (Number.isNaN(ms) ? null : new Date(ms).toISOString());
 const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
 
 /**
  * Collects heartbeats in memory, newest per agent, and streams them to
- * heartbeat.agent_connection_staging with one binary COPY per flush.
+ * heartbeat.agent_connection_staging with binary COPY.
  *
  * ```ts
  * await using stager = new HeartbeatStager({ connectionString }, { flushIntervalMs: 2000 });
@@ -98,13 +128,19 @@ export class HeartbeatStager {
   readonly #onFlush: ((info: { rows: number; durationMs: number }) => void) | undefined;
   readonly #flushIntervalMs: number;
   readonly #maxBatchSize: number;
+  readonly #maxRowsPerCopy: number;
   readonly #retryInitialDelayMs: number;
   readonly #retryMaxDelayMs: number;
+  readonly #queryTimeoutMs: number;
   readonly #closeTimeoutMs: number;
   readonly #maxClockSkewMs: number;
+  /** Aborted when close() gives up: every operation in flight is cut off, nothing queued runs. */
+  readonly #abort = new AbortController();
 
   #pending = new Map<string, Snapshot>();
-  /** The batch a COPY is writing, and how many of its agents are pending again meanwhile. */
+  /** COPYed updates no merge is known to have consumed yet (null: resends disabled). */
+  readonly #retained: Retained | null;
+  /** The chunk a COPY is writing, and how many of its agents are pending again meanwhile. */
   #inflightBatch: Map<string, Snapshot> | null = null;
   #inflightOverlap = 0;
   #inflight: Promise<void> | null = null;
@@ -113,21 +149,26 @@ export class HeartbeatStager {
   #failures = 0;
   #closed = false;
   #closing: Promise<void> | null = null;
+  #closeReport: CloseReport = { lost: 0, uncertain: 0 };
   #stats = {
     staged: 0, deduped: 0, rejected: 0, rowsCopied: 0, copies: 0, failedCopies: 0, droppedByDisconnect: 0,
-    lastCopyDurationMs: null as number | null,
+    resets: 0, resentAgents: 0, lastCopyDurationMs: null as number | null,
   };
 
   constructor(connection: ConnectionOptions, options: StagerOptions = {}) {
-    this.#logger = options.logger ?? consoleLogger;
-    this.#onError = options.onError;
-    this.#onFlush = options.onFlush;
-    this.#flushIntervalMs = positive(options.flushIntervalMs ?? 2000, 'flushIntervalMs');
-    this.#maxBatchSize = positive(options.maxBatchSize ?? 10_000, 'maxBatchSize');
-    this.#retryInitialDelayMs = positive(options.retryInitialDelayMs ?? 250, 'retryInitialDelayMs');
-    this.#retryMaxDelayMs = positive(options.retryMaxDelayMs ?? 10_000, 'retryMaxDelayMs');
-    this.#closeTimeoutMs = positive(options.closeTimeoutMs ?? 15_000, 'closeTimeoutMs');
-    this.#maxClockSkewMs = positive(options.maxClockSkewMs ?? 300_000, 'maxClockSkewMs');
+    if (options === null || typeof options !== 'object') throw new TypeError('pg-heartbeat: HeartbeatStager options must be an object');
+    this.#logger = safeLogger(options.logger ?? consoleLogger);
+    this.#onError = functionOption(options.onError, 'onError');
+    this.#onFlush = functionOption(options.onFlush, 'onFlush');
+    this.#flushIntervalMs = durationOption(options.flushIntervalMs, 'flushIntervalMs', 2000);
+    this.#maxBatchSize = countOption(options.maxBatchSize, 'maxBatchSize', 10_000);
+    this.#maxRowsPerCopy = countOption(options.maxRowsPerCopy, 'maxRowsPerCopy', 50_000);
+    this.#retryInitialDelayMs = durationOption(options.retryInitialDelayMs, 'retryInitialDelayMs', 250);
+    this.#retryMaxDelayMs = durationOption(options.retryMaxDelayMs, 'retryMaxDelayMs', 10_000);
+    this.#queryTimeoutMs = durationOption(options.queryTimeoutMs, 'queryTimeoutMs', 30_000);
+    this.#closeTimeoutMs = durationOption(options.closeTimeoutMs, 'closeTimeoutMs', 15_000);
+    this.#maxClockSkewMs = durationOption(options.maxClockSkewMs, 'maxClockSkewMs', 300_000);
+    this.#retained = options.resendAfterReset === false ? null : new Retained();
     const { pool, owned } = resolvePool(connection, this.#logger, 'pg-heartbeat stager');
     this.#pool = pool;
     this.#ownsPool = owned;
@@ -168,7 +209,8 @@ export class HeartbeatStager {
    * firstConnectedAt and lastConnectedAt (so an agent that connects and
    * disconnects between two merges still shows as disconnected, not as never
    * connected). Resolves to whether the row changed (false: unknown agent, or
-   * the row is newer).
+   * the row is newer). Fails with a TimeoutError after queryTimeoutMs (the row
+   * lock is waited for at most 2 s in the database).
    */
   async disconnect(update: AgentDisconnect): Promise<boolean> {
     if (this.#closed) throw new ClosedError('HeartbeatStager');
@@ -176,15 +218,12 @@ export class HeartbeatStager {
     const older = this.#pending.get(d.agentId);
     const first = older && older.updated <= d.updatedAt ? earliest(d.first, older.first) : d.first;
     const last = older && older.updated <= d.updatedAt && Number.isNaN(d.last) ? older.last : d.last;
-    let applied: boolean;
-    try {
-      const { rows } = await this.#pool.query<{ applied: boolean }>(DISCONNECT_SQL, [
-        d.agentId, new Date(d.disconnectedAt), new Date(d.updatedAt), d.replicaId, toDate(first), toDate(last),
+    const applied = await this.#run('disconnect', async (client) => {
+      const { rows } = await client.query<{ applied: boolean }>(DISCONNECT_SQL, [
+        d.agentId, iso(d.disconnectedAt), iso(d.updatedAt), d.replicaId, iso(first), iso(last),
       ]);
-      applied = rows[0]!.applied;
-    } catch (err) {
-      throw toHeartbeatError(err, 'disconnect');
-    }
+      return rows[0]!.applied;
+    });
     // drop the older pending update unless it learnt an earlier first connection meanwhile
     const kept = this.#pending.get(d.agentId);
     if (kept !== undefined && kept.updated <= d.updatedAt && Object.is(earliest(first, kept.first), first)) {
@@ -192,7 +231,29 @@ export class HeartbeatStager {
       if (this.#inflightBatch?.has(d.agentId)) this.#inflightOverlap--;
       this.#stats.droppedByDisconnect++;
     }
+    this.#retained?.dropOlder(d.agentId, d.updatedAt);
     return applied;
+  }
+
+  /**
+   * Disconnects every agent whose row says it is connected through `replicaId`
+   * (heartbeat.disconnect_replica), after flushing this stager, so that agents
+   * which reconnected through this replica are staged first and kept connected.
+   * Resolves to how many agents were disconnected.
+   */
+  async disconnectReplica(replicaId: string, at: { disconnectedAt?: Date; updatedAt?: Date } = {}): Promise<number> {
+    if (this.#closed) throw new ClosedError('HeartbeatStager');
+    const replica = canonicalUuid(replicaId, 'replicaId');
+    const now = new Date();
+    const d = checkDisconnect(
+      { agentId: replica, disconnectedAt: at.disconnectedAt ?? now, updatedAt: at.updatedAt ?? at.disconnectedAt ?? now },
+      this.#maxClockSkewMs,
+    );
+    await this.flush();
+    return this.#run('disconnect_replica', async (client) => {
+      const { rows } = await client.query<{ n: string }>(DISCONNECT_REPLICA_SQL, [replica, iso(d.disconnectedAt), iso(d.updatedAt)]);
+      return Number(rows[0]!.n);
+    });
   }
 
   /**
@@ -207,23 +268,48 @@ export class HeartbeatStager {
 
   /**
    * Stops the background flush and makes a final flush, retried for up to
-   * closeTimeoutMs; then ends the pool if the stager created it. Idempotent;
-   * stage() after close() throws. Pending updates that could not be written
-   * in time are reported (logger and onError) and dropped.
+   * closeTimeoutMs; then ends the pool if the stager created it. Resolves within
+   * closeTimeoutMs plus 5 s (the pool's end), even when the database is
+   * unreachable; nothing is sent to the database after it resolves. What could
+   * not be written is reported (logger and onError) and dropped: see
+   * {@link closeReport}. Idempotent; stage() after close() throws.
    */
   close(): Promise<void> {
     this.#closing ??= this.#shutdown();
     return this.#closing;
   }
 
+  /** The same as {@link close}. */
+  stop(): Promise<void> {
+    return this.close();
+  }
+
   async [Symbol.asyncDispose](): Promise<void> {
     await this.close();
   }
 
+  /** What the last close() could not write (zeros before close() or when everything was written). */
+  closeReport(): CloseReport {
+    return { ...this.#closeReport };
+  }
+
   /** Counters since creation. */
   stats(): StagerStats {
+    return { ...this.#stats, pendingAgents: this.#unwritten(), retainedAgents: this.#retained?.size ?? 0 };
+  }
+
+  #unwritten(): number {
     const inflight = this.#inflightBatch ? this.#inflightBatch.size - this.#inflightOverlap : 0;
-    return { ...this.#stats, pendingAgents: this.#pending.size + inflight };
+    return this.#pending.size + inflight;
+  }
+
+  /** One database operation under the deadline, its error mapped. */
+  async #run<T>(what: string, fn: (client: pg.PoolClient) => Promise<T>): Promise<T> {
+    try {
+      return await withClient(this.#pool, fn, { deadlineMs: this.#queryTimeoutMs, what, signal: this.#abort.signal });
+    } catch (err) {
+      throw toHeartbeatError(err, what);
+    }
   }
 
   #schedule(delayMs: number): void {
@@ -246,11 +332,14 @@ export class HeartbeatStager {
   #background(): void {
     this.#timer = null;
     if (this.#closed) return;
-    if (this.#pending.size === 0) {
+    let work: Promise<void>;
+    if (this.#pending.size > 0) work = this.#runFlush();
+    else if (this.#retained && this.#retained.size > 0 && this.#retained.checkDue(PROGRESS_CHECK_MS)) work = this.#checkProgress();
+    else {
       this.#schedule(this.#flushIntervalMs);
       return;
     }
-    this.#runFlush().then(
+    work.then(
       () => {
         if (this.#failures > 0) {
           this.#logger.info('COPY into staging recovered', { failedAttempts: this.#failures });
@@ -258,11 +347,13 @@ export class HeartbeatStager {
         }
         this.#schedule(this.#pending.size >= this.#maxBatchSize ? 0 : this.#flushIntervalMs);
       },
-      (err: HeartbeatError) => {
+      (err: unknown) => {
+        if (this.#closed) return;
+        const error = toHeartbeatError(err, 'COPY into staging');
         this.#failures++;
         const delay = this.#backoff(this.#failures);
-        this.#report(err, `COPY into staging failed; retrying in ${delay} ms`, {
-          attempt: this.#failures, pendingAgents: this.#pending.size,
+        this.#report(error, `${error.message}; retrying in ${delay} ms`, {
+          attempt: this.#failures, pendingAgents: this.#unwritten(),
         });
         this.#schedule(delay);
       },
@@ -276,15 +367,10 @@ export class HeartbeatStager {
 
   #report(err: HeartbeatError, message: string, meta: Record<string, unknown> = {}, level: 'warn' | 'error' = 'warn'): void {
     this.#logger[level](message, { ...meta, error: err });
-    if (!this.#onError) return;
-    try {
-      this.#onError(err);
-    } catch (hookErr) {
-      this.#logger.error('onError hook threw', { error: hookErr });
-    }
+    callHook(this.#onError, err, 'onError', this.#logger);
   }
 
-  /** Runs one COPY of everything pending, after any COPY already in flight. */
+  /** Runs the COPYs of everything pending, after any COPY already in flight. */
   #runFlush(): Promise<void> {
     const previous = this.#inflight;
     const run = (previous ? previous.catch(() => {}) : Promise.resolve()).then(() => this.#copyPending());
@@ -296,45 +382,112 @@ export class HeartbeatStager {
     return run;
   }
 
+  /** COPYs what is pending, in chunks of at most maxRowsPerCopy rows, each under the deadline. */
   async #copyPending(): Promise<void> {
-    if (this.#pending.size === 0) return;
-    const batch = this.#pending;
-    this.#pending = new Map();
-    this.#inflightBatch = batch;
-    this.#inflightOverlap = 0;
-    const started = performance.now();
-    try {
-      await withClient(this.#pool, async (client) => {
-        const stream = client.query(copyFrom(COPY_SQL));
-        await pipeline(Readable.from(encodeCopy(batch.values()), { objectMode: false }), stream);
-      });
-    } catch (err) {
-      this.#stats.failedCopies++;
-      this.#restore(batch);
-      throw toHeartbeatError(err, 'COPY into staging');
-    } finally {
-      this.#inflightBatch = null;
+    let budget = this.#pending.size;
+    while (budget > 0 && this.#pending.size > 0) {
+      const chunk = this.#takeChunk();
+      budget -= chunk.size;
+      this.#inflightBatch = chunk;
       this.#inflightOverlap = 0;
+      const started = performance.now();
+      let outcome: 'copied' | 'reset';
+      try {
+        outcome = await this.#run('COPY into staging', async (client) => {
+          if (this.#retained && (await this.#checkEpoch(client)) === 'reset') return 'reset';
+          const stream = client.query(copyFrom(COPY_SQL));
+          await pipeline(Readable.from(encodeCopy(chunk.values()), { objectMode: false }), stream);
+          return 'copied';
+        });
+      } catch (err) {
+        this.#stats.failedCopies++;
+        this.#restore(chunk);
+        throw err;
+      } finally {
+        this.#inflightBatch = null;
+        this.#inflightOverlap = 0;
+      }
+      if (outcome === 'reset') {
+        // staging was emptied: this chunk goes back with everything kept for a resend
+        this.#restore(chunk);
+        budget += this.#resend();
+        continue;
+      }
+      const durationMs = performance.now() - started;
+      this.#stats.copies++;
+      this.#stats.rowsCopied += chunk.size;
+      this.#stats.lastCopyDurationMs = durationMs;
+      this.#retained?.add(chunk);
+      callHook(this.#onFlush, { rows: chunk.size, durationMs }, 'onFlush', this.#logger);
     }
-    const durationMs = performance.now() - started;
-    this.#stats.copies++;
-    this.#stats.rowsCopied += batch.size;
-    this.#stats.lastCopyDurationMs = durationMs;
-    this.#onFlush?.({ rows: batch.size, durationMs });
     if (this.#pending.size >= this.#maxBatchSize && this.#failures === 0) this.#kick();
   }
 
-  /** Puts a failed batch back, folding in anything newer staged meanwhile. */
+  /** Moves up to maxRowsPerCopy pending updates into a chunk of their own. */
+  #takeChunk(): Map<string, Snapshot> {
+    if (this.#pending.size <= this.#maxRowsPerCopy) {
+      const all = this.#pending;
+      this.#pending = new Map();
+      return all;
+    }
+    const chunk = new Map<string, Snapshot>();
+    for (const [agentId, snapshot] of this.#pending) {
+      chunk.set(agentId, snapshot);
+      this.#pending.delete(agentId);
+      if (chunk.size >= this.#maxRowsPerCopy) break;
+    }
+    return chunk;
+  }
+
+  /** Puts a failed chunk back, folding in anything newer staged meanwhile. */
   #restore(batch: Map<string, Snapshot>): void {
-    const newer = this.#pending;
-    this.#pending = batch;
-    for (const [agentId, snapshot] of newer) {
-      const kept = batch.get(agentId);
-      if (kept === undefined) batch.set(agentId, snapshot);
+    for (const [agentId, snapshot] of batch) {
+      const newer = this.#pending.get(agentId);
+      if (newer === undefined) this.#pending.set(agentId, snapshot);
       else {
-        const winner = combine(kept, snapshot);
-        if (winner !== kept) batch.set(agentId, winner);
+        // the pending one is newer (or folds in): keep the winner with the earliest first connection
+        const winner = combine(snapshot, newer);
+        this.#pending.set(agentId, winner);
       }
+    }
+  }
+
+  /** Staging was reset: everything kept goes back into pending; returns how many agents. */
+  #resend(): number {
+    const kept = this.#retained!.takeAll();
+    this.#restore(kept);
+    this.#stats.resets++;
+    this.#stats.resentAgents += kept.size;
+    this.#logger.warn(
+      `staging was reset (crash recovery or failover to another server): resending ${kept.size} agents' updates ` +
+        'that no merge had consumed yet',
+      { resent: kept.size },
+    );
+    return kept.size;
+  }
+
+  /**
+   * On a connection not seen before (a crash or a failover always means new
+   * connections), and every PROGRESS_CHECK_MS: reads the staging epoch. A new
+   * epoch means staging was reset; otherwise kept updates that every part's
+   * merges have consumed since are released.
+   */
+  async #checkEpoch(client: pg.ClientBase): Promise<'same' | 'reset'> {
+    const retained = this.#retained!;
+    if (retained.knows(client) && !retained.checkDue(PROGRESS_CHECK_MS)) return 'same';
+    const sent = performance.now();
+    const { rows } = await client.query<{ epoch: string; drained_us: string | null; checked_us: string }>(EPOCH_SQL);
+    const row = rows[0]!;
+    const changed = retained.observe(client, row.epoch, sent, row.drained_us === null ? null : Number(row.drained_us), Number(row.checked_us));
+    return changed ? 'reset' : 'same';
+  }
+
+  /** The idle-time progress check: releases what merges consumed, and resends after a reset. */
+  async #checkProgress(): Promise<void> {
+    const outcome = await this.#run('staging epoch check', (client) => this.#checkEpoch(client));
+    if (outcome === 'reset') {
+      this.#resend();
+      await this.#copyPending();
     }
   }
 
@@ -342,33 +495,37 @@ export class HeartbeatStager {
     this.#closed = true;
     if (this.#timer) clearTimeout(this.#timer);
     this.#timer = null;
-    const deadline = Date.now() + this.#closeTimeoutMs;
+    const deadlineAt = Date.now() + this.#closeTimeoutMs;
+    const giveUp = setTimeout(() => this.#abort.abort(), this.#closeTimeoutMs);
+    let lastError: unknown;
     for (let attempt = 1; ; attempt++) {
       try {
-        await timeout(this.flush(), Math.max(1, deadline - Date.now()), 'final flush');
+        await this.flush();
+        lastError = undefined;
         break;
       } catch (err) {
-        const left = deadline - Date.now();
-        const heartbeatError = toHeartbeatError(err, 'final flush');
-        if (left <= 0 || heartbeatError instanceof TimeoutError) {
-          const lost = this.stats().pendingAgents;
-          this.#report(heartbeatError, `close(): final flush gave up; ${lost} agents' updates were not written`, {
-            closeTimeoutMs: this.#closeTimeoutMs,
-          }, 'error');
-          break;
-        }
+        lastError = err;
+        const left = deadlineAt - Date.now();
+        if (left <= 0 || this.#abort.signal.aborted) break;
         await sleep(Math.min(left, this.#backoff(attempt)));
       }
     }
-    if (this.#ownsPool) {
-      await timeout(this.#pool.end(), 5000, 'closing the pool').catch((err: unknown) =>
-        this.#logger.warn('pool did not close cleanly', { error: err }),
+    clearTimeout(giveUp);
+    // from here on nothing reaches the database: a checkout still queued is released untouched
+    const uncertain = this.#inflightBatch ? this.#inflightBatch.size - this.#inflightOverlap : 0;
+    this.#abort.abort();
+    this.#closeReport = { lost: this.#pending.size, uncertain };
+    if (this.#closeReport.lost + uncertain > 0) {
+      const error = toHeartbeatError(lastError ?? new ClosedError('HeartbeatStager', 'close timeout'), 'final flush');
+      this.#report(
+        error,
+        `close(): final flush gave up after ${this.#closeTimeoutMs} ms; ${this.#closeReport.lost} agents' updates were not written` +
+          (uncertain ? ` and ${uncertain} were in a COPY that was cut off (written or not)` : ''),
+        { closeTimeoutMs: this.#closeTimeoutMs, lost: this.#closeReport.lost, uncertain },
+        'error',
       );
     }
+    await this.#inflight?.catch(() => {});
+    if (this.#ownsPool) await endPool(this.#pool, 5000, this.#logger);
   }
-}
-
-function positive(value: number, name: string): number {
-  if (!Number.isFinite(value) || value <= 0) throw new RangeError(`pg-heartbeat: ${name} must be a positive number, got ${value}`);
-  return value;
 }

@@ -37,13 +37,45 @@ export interface Snapshot {
   replica: string | null;
   disconnected: number;
   updated: number;
+  /** When (performance.now()) a COPY committed this snapshot to staging; NaN until then. */
+  copied: number;
 }
 
-const KNOWN_FIELDS = new Set([
+const UPDATE_FIELDS = new Set([
   'agentId', 'firstConnectedAt', 'lastConnectedAt', 'lastConnectedReplicaId', 'disconnectedAt', 'updatedAt',
 ]);
-/** Earliest accepted timestamp: anything earlier is a bug, not a heartbeat (and stays exactly encodable). */
-export const MIN_TIMESTAMP_MS = Date.UTC(1900, 0, 1);
+const DISCONNECT_FIELDS = new Set([
+  'agentId', 'disconnectedAt', 'updatedAt', 'replicaId', 'firstConnectedAt', 'lastConnectedAt',
+]);
+/**
+ * Earliest accepted timestamp, the same bound as the database's
+ * heartbeat.valid_time(): anything earlier is a bug, not a heartbeat.
+ */
+export const MIN_TIMESTAMP_MS = Date.UTC(1970, 0, 1);
+
+const hasOwn = Object.prototype.hasOwnProperty;
+const toTag = Object.prototype.toString;
+const getTime = Date.prototype.getTime;
+
+/**
+ * Reads an own property only (never one inherited from a polluted prototype);
+ * a getter that throws becomes an {@link InvalidUpdateError} for that field.
+ */
+function own(obj: object, field: string): unknown {
+  if (!hasOwn.call(obj, field)) return undefined;
+  try {
+    return (obj as Record<string, unknown>)[field];
+  } catch (err) {
+    throw new InvalidUpdateError(field, `could not be read (${err instanceof Error ? err.message : String(err)})`);
+  }
+}
+
+/** Rejects fields outside `known` (own enumerable keys only: prototype pollution is ignored). */
+function checkFields(obj: object, known: Set<string>): void {
+  for (const key in obj) {
+    if (hasOwn.call(obj, key) && !known.has(key)) throw new InvalidUpdateError(key, 'is not a known field');
+  }
+}
 
 /** True when `s[from..from+36)` is a hyphenated uuid in lowercase hex. */
 function isCanonicalUuid(s: string, from: number): boolean {
@@ -75,8 +107,20 @@ export function canonicalUuid(value: unknown, field: string): string {
 
 function typeName(value: unknown): string {
   if (value === null) return 'null';
-  if (value instanceof Date) return 'Date';
+  if (typeof value === 'object' && toTag.call(value) === '[object Date]') return 'Date';
   return typeof value;
+}
+
+/** The time of a real Date (not a look-alike or a Proxy around one), or an {@link InvalidUpdateError}. */
+function dateMs(value: unknown, field: string): number {
+  if (typeof value !== 'object' || value === null || toTag.call(value) !== '[object Date]') {
+    throw new InvalidUpdateError(field, `must be a Date, got ${typeName(value)}`);
+  }
+  try {
+    return getTime.call(value);
+  } catch {
+    throw new InvalidUpdateError(field, 'must be a Date, got an object that only looks like one');
+  }
 }
 
 function time(value: unknown, field: string, maxMs: number, required: boolean): number {
@@ -84,12 +128,11 @@ function time(value: unknown, field: string, maxMs: number, required: boolean): 
     if (required) throw new InvalidUpdateError(field, 'is required');
     return NaN;
   }
-  if (!(value instanceof Date)) throw new InvalidUpdateError(field, `must be a Date, got ${typeName(value)}`);
-  const ms = value.getTime();
+  const ms = dateMs(value, field);
   if (Number.isNaN(ms)) throw new InvalidUpdateError(field, 'is an invalid Date');
-  if (ms < MIN_TIMESTAMP_MS) throw new InvalidUpdateError(field, `is before 1900-01-01 (${value.toISOString()})`);
+  if (ms < MIN_TIMESTAMP_MS) throw new InvalidUpdateError(field, `is before 1970-01-01 (${new Date(ms).toISOString()})`);
   if (ms > maxMs) {
-    throw new InvalidUpdateError(field, `is too far in the future (${value.toISOString()}): more than the allowed clock skew ahead`);
+    throw new InvalidUpdateError(field, `is too far in the future (${new Date(ms).toISOString()}): more than the allowed clock skew ahead`);
   }
   return ms;
 }
@@ -106,23 +149,28 @@ export function toSnapshot(update: AgentUpdate, maxSkewMs: number, now = Date.no
   if (update === null || typeof update !== 'object') {
     throw new InvalidUpdateError('update', `must be an object, got ${typeName(update)}`);
   }
-  for (const key in update) {
-    if (!KNOWN_FIELDS.has(key)) throw new InvalidUpdateError(key, 'is not a known field');
+  try {
+    checkFields(update, UPDATE_FIELDS);
+  } catch (err) {
+    // a Proxy's ownKeys/has traps may throw anything
+    if (err instanceof InvalidUpdateError) throw err;
+    throw new InvalidUpdateError('update', `could not be read (${err instanceof Error ? err.message : String(err)})`);
   }
   const maxMs = now + maxSkewMs;
-  const replica = update.lastConnectedReplicaId;
+  const replica = own(update, 'lastConnectedReplicaId');
   // a fleet has few replicas: remember the last one validated
   if (replica !== lastReplicaIn && replica !== undefined && replica !== null) {
     lastReplicaOut = canonicalUuid(replica, 'lastConnectedReplicaId');
     lastReplicaIn = replica;
   }
   return {
-    agentId: canonicalUuid(update.agentId, 'agentId'),
-    first: time(update.firstConnectedAt, 'firstConnectedAt', maxMs, false),
-    last: time(update.lastConnectedAt, 'lastConnectedAt', maxMs, false),
+    agentId: canonicalUuid(own(update, 'agentId'), 'agentId'),
+    first: time(own(update, 'firstConnectedAt'), 'firstConnectedAt', maxMs, false),
+    last: time(own(update, 'lastConnectedAt'), 'lastConnectedAt', maxMs, false),
     replica: replica === undefined || replica === null ? null : lastReplicaOut,
-    disconnected: time(update.disconnectedAt, 'disconnectedAt', maxMs, false),
-    updated: time(update.updatedAt, 'updatedAt', maxMs, true),
+    disconnected: time(own(update, 'disconnectedAt'), 'disconnectedAt', maxMs, false),
+    updated: time(own(update, 'updatedAt'), 'updatedAt', maxMs, true),
+    copied: NaN,
   };
 }
 
@@ -131,14 +179,21 @@ export function checkDisconnect(d: AgentDisconnect, maxSkewMs: number, now = Dat
   agentId: string; replicaId: string | null; disconnectedAt: number; updatedAt: number; first: number; last: number;
 } {
   if (d === null || typeof d !== 'object') throw new InvalidUpdateError('disconnect', `must be an object, got ${typeName(d)}`);
+  try {
+    checkFields(d, DISCONNECT_FIELDS);
+  } catch (err) {
+    if (err instanceof InvalidUpdateError) throw err;
+    throw new InvalidUpdateError('disconnect', `could not be read (${err instanceof Error ? err.message : String(err)})`);
+  }
   const maxMs = now + maxSkewMs;
+  const replicaId = own(d, 'replicaId');
   return {
-    agentId: canonicalUuid(d.agentId, 'agentId'),
-    replicaId: d.replicaId === undefined || d.replicaId === null ? null : canonicalUuid(d.replicaId, 'replicaId'),
-    disconnectedAt: time(d.disconnectedAt, 'disconnectedAt', maxMs, true),
-    updatedAt: time(d.updatedAt, 'updatedAt', maxMs, true),
-    first: time(d.firstConnectedAt, 'firstConnectedAt', maxMs, false),
-    last: time(d.lastConnectedAt, 'lastConnectedAt', maxMs, false),
+    agentId: canonicalUuid(own(d, 'agentId'), 'agentId'),
+    replicaId: replicaId === undefined || replicaId === null ? null : canonicalUuid(replicaId, 'replicaId'),
+    disconnectedAt: time(own(d, 'disconnectedAt'), 'disconnectedAt', maxMs, true),
+    updatedAt: time(own(d, 'updatedAt'), 'updatedAt', maxMs, true),
+    first: time(own(d, 'firstConnectedAt'), 'firstConnectedAt', maxMs, false),
+    last: time(own(d, 'lastConnectedAt'), 'lastConnectedAt', maxMs, false),
   };
 }
 

@@ -44,7 +44,7 @@ describe('update validation', () => {
 });
 
 describe('snapshot order (mirrors the merge)', () => {
-  const snap = (over: Partial<Snapshot>): Snapshot => ({ agentId: id, first: NaN, last: NaN, replica: null, disconnected: NaN, updated: 10, ...over });
+  const snap = (over: Partial<Snapshot>): Snapshot => ({ agentId: id, first: NaN, last: NaN, replica: null, disconnected: NaN, updated: 10, copied: NaN, ...over });
   test('newer updated wins; ties: disconnect, later last_connected_at, greater replica', () => {
     assert.ok(compareSnapshots(snap({ updated: 11 }), snap({ updated: 10, disconnected: 10 })) > 0);
     assert.ok(compareSnapshots(snap({ disconnected: 1 }), snap({ last: 5 })) > 0);

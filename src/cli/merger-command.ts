@@ -12,12 +12,18 @@ export function msOption(value: string | boolean | undefined, name: string, fall
   return n;
 }
 
-export function mergeLine(r: MergeReport): string {
+export function mergeLine(r: Omit<MergeReport, 'parallel'>): string {
   const at = r.startedAt.toISOString();
-  if (r.skippedConcurrent) return `${at} skipped: another merge is running`;
+  if (r.partsMerged === 0) {
+    return r.partsSkippedConcurrent > 0 ? `${at} skipped: another merge is running` : `${at} skipped: another merger merged just now`;
+  }
+  const skipped = r.partsSkippedConcurrent + r.partsSkippedRecent;
   return (
     `${at} merged ${r.rowsConsumed} staged row(s) in ${r.durationMs} ms: ${r.agentsUpdated} agent(s) updated, ` +
-    `${r.skippedStale} stale, ${r.skippedUnknown} unknown, ${r.skippedInvalid} invalid, ${r.deferredLocked} deferred (row locked)`
+    `${r.skippedStale} stale, ${r.skippedUnknown} unknown, ${r.skippedInvalid} invalid, ${r.deferredLocked} deferred (row locked)` +
+    (r.deadLettered ? `, ${r.deadLettered} dead-lettered` : '') +
+    (skipped ? `; ${skipped} of ${r.parts} part(s) merged elsewhere` : '') +
+    (r.more ? '; rows left, merging again' : '')
   );
 }
 

@@ -1,0 +1,214 @@
+-- pg-heartbeat 014: the privilege model (docs/security.md).
+--
+-- Who may do what:
+--   heartbeat_writer   INSERT (COPY) into staging; EXECUTE the merge, the
+--                      disconnects, staging_epoch(), agent_status(); read status.
+--                      Any member may write heartbeats and disconnects for ANY
+--                      agent: there is no per-agent authorisation.
+--   heartbeat_reader   read status (heartbeat.status, part_status(), agent_status()).
+--   heartbeat_definer  owns every SECURITY DEFINER function of the schema, so they
+--                      run with its rights: SELECT and UPDATE of the connection
+--                      columns of public.workspace_agents, and pg-heartbeat's own
+--                      tables. NOLOGIN, no attributes, member of no role: a
+--                      trigger, CHECK function, rule or index expression on
+--                      workspace_agents that runs inside the merge runs as this
+--                      role, and can do no more than it.
+--   the owner          the role that ran the migrations (or CREATE EXTENSION):
+--                      owns the tables, the schema and the functions that run with
+--                      the caller's rights (set_staging_parts, schedule_merge, ...).
+--
+-- heartbeat.apply_privileges() sets all of this (idempotent; later migrations
+-- call it again after replacing functions) and then heartbeat.check_privilege_model()
+-- refuses a setup that breaks it.
+SET LOCAL lock_timeout = '10s';
+
+DROP FUNCTION heartbeat.reject_future(timestamptz, text);  -- replaced by heartbeat.check_times()
+
+-- Raises unless the privilege model holds:
+--   * every SECURITY DEFINER function of the schema is owned by heartbeat_definer;
+--   * heartbeat_definer is not a superuser and has no rights the owner of
+--     public.workspace_agents lacks (role attributes, role memberships) while the
+--     table (or, for a view, its base tables) runs code owned by another role:
+--     a trigger, rule, CHECK constraint, index expression, policy or generated
+--     column calling a function that is not pg_catalog's.
+CREATE FUNCTION heartbeat.check_privilege_model()
+RETURNS void
+LANGUAGE plpgsql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $check$
+DECLARE
+    definer     oid := (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname = 'heartbeat_definer');
+    table_oid   oid := pg_catalog.to_regclass('public.workspace_agents');
+    owner_oid   oid;
+    wrong       text;
+    extra       text[];
+    foreign_fn  text[];
+BEGIN
+    IF definer IS NULL THEN
+        RAISE EXCEPTION 'pg-heartbeat: the role heartbeat_definer does not exist (apply sql/roles.sql)'
+            USING ERRCODE = '42704';
+    END IF;
+    SELECT pg_catalog.string_agg(p.oid::regprocedure::text || ' (owner '
+                                 || pg_catalog.pg_get_userbyid(p.proowner) || ')', ', ')
+      INTO wrong
+      FROM pg_catalog.pg_proc p
+     WHERE p.pronamespace = 'heartbeat'::regnamespace AND p.prosecdef
+       AND p.proowner <> definer;
+    IF wrong IS NOT NULL THEN
+        RAISE EXCEPTION 'pg-heartbeat: SECURITY DEFINER functions not owned by heartbeat_definer: %', wrong
+            USING ERRCODE = '42501',
+                  HINT = 'Run pg-heartbeat migrate again, or SELECT heartbeat.apply_privileges(); as the owner of the schema.';
+    END IF;
+    IF table_oid IS NULL THEN
+        RETURN;
+    END IF;
+    SELECT c.relowner INTO owner_oid FROM pg_catalog.pg_class c WHERE c.oid = table_oid;
+
+    -- rights heartbeat_definer has and the table's owner has not
+    SELECT pg_catalog.array_agg(x) INTO extra FROM (
+        SELECT a.attr AS x
+          FROM pg_catalog.pg_roles d, pg_catalog.pg_roles o,
+               LATERAL (VALUES ('SUPERUSER', d.rolsuper, o.rolsuper), ('CREATEROLE', d.rolcreaterole, o.rolcreaterole),
+                               ('CREATEDB', d.rolcreatedb, o.rolcreatedb), ('REPLICATION', d.rolreplication, o.rolreplication),
+                               ('BYPASSRLS', d.rolbypassrls, o.rolbypassrls)) AS a(attr, def, own)
+         WHERE d.oid = definer AND o.oid = owner_oid AND a.def AND NOT a.own
+        UNION ALL
+        SELECT 'member of ' || r.rolname
+          FROM pg_catalog.pg_roles r
+         WHERE r.oid <> definer
+           AND pg_catalog.pg_has_role(definer, r.oid, 'USAGE')
+           AND NOT pg_catalog.pg_has_role(owner_oid, r.oid, 'USAGE')
+    ) s;
+    IF extra IS NULL THEN
+        RETURN;
+    END IF;
+
+    -- code that runs when the merge reads or updates the table: functions referenced by the
+    -- table's (and for a view its base tables') triggers, rules, constraints, indexes, policies, defaults
+    WITH RECURSIVE rels(oid) AS (
+        SELECT table_oid
+        UNION
+        SELECT d.refobjid
+          FROM rels, pg_catalog.pg_rewrite rw
+          JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_rewrite'::regclass
+                                      AND d.objid = rw.oid
+         WHERE rw.ev_class = rels.oid
+           AND d.refclassid = 'pg_catalog.pg_class'::regclass
+           AND d.refobjid <> rels.oid
+    ), attached(classid, objid) AS (
+        SELECT 'pg_catalog.pg_trigger'::regclass::oid, t.oid FROM pg_catalog.pg_trigger t, rels
+         WHERE t.tgrelid = rels.oid AND NOT t.tgisinternal
+        UNION ALL
+        SELECT 'pg_catalog.pg_rewrite'::regclass::oid, rw.oid FROM pg_catalog.pg_rewrite rw, rels
+         WHERE rw.ev_class = rels.oid
+        UNION ALL
+        SELECT 'pg_catalog.pg_constraint'::regclass::oid, c.oid FROM pg_catalog.pg_constraint c, rels
+         WHERE c.conrelid = rels.oid
+        UNION ALL
+        SELECT 'pg_catalog.pg_class'::regclass::oid, i.indexrelid FROM pg_catalog.pg_index i, rels
+         WHERE i.indrelid = rels.oid
+        UNION ALL
+        SELECT 'pg_catalog.pg_policy'::regclass::oid, po.oid FROM pg_catalog.pg_policy po, rels
+         WHERE po.polrelid = rels.oid
+        UNION ALL
+        SELECT 'pg_catalog.pg_attrdef'::regclass::oid, ad.oid FROM pg_catalog.pg_attrdef ad, rels
+         WHERE ad.adrelid = rels.oid
+    ), functions AS (
+        SELECT t.tgfoid AS fn FROM pg_catalog.pg_trigger t JOIN attached a ON a.objid = t.oid
+         WHERE a.classid = 'pg_catalog.pg_trigger'::regclass::oid
+        UNION
+        SELECT d.refobjid FROM attached a JOIN pg_catalog.pg_depend d
+            ON d.classid = a.classid AND d.objid = a.objid
+         WHERE d.refclassid = 'pg_catalog.pg_proc'::regclass
+    )
+    SELECT pg_catalog.array_agg(DISTINCT p.oid::regprocedure::text || ' (owner '
+                                || pg_catalog.pg_get_userbyid(p.proowner) || ')')
+      INTO foreign_fn
+      FROM functions f JOIN pg_catalog.pg_proc p ON p.oid = f.fn
+     WHERE p.pronamespace <> 'pg_catalog'::regnamespace
+       AND p.proowner <> definer;
+    IF foreign_fn IS NOT NULL THEN
+        RAISE EXCEPTION 'pg-heartbeat refuses this setup: heartbeat_definer has rights the owner of public.workspace_agents (%) lacks (%), and the table runs functions owned by others inside the merge: %',
+            pg_catalog.pg_get_userbyid(owner_oid), pg_catalog.array_to_string(extra, ', '), pg_catalog.array_to_string(foreign_fn, ', ')
+            USING ERRCODE = '42501',
+                  HINT = 'heartbeat_definer must stay an unprivileged NOLOGIN role: REVOKE what was granted to it (docs/security.md).';
+    END IF;
+END
+$check$;
+REVOKE ALL ON FUNCTION heartbeat.check_privilege_model() FROM PUBLIC;
+
+-- Grants what each role needs, hands every SECURITY DEFINER function to
+-- heartbeat_definer, and checks the result. Run by the owner of the schema.
+CREATE FUNCTION heartbeat.apply_privileges()
+RETURNS void
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $apply$
+DECLARE
+    f   regprocedure;
+    t   regclass;
+BEGIN
+    GRANT USAGE ON SCHEMA heartbeat TO heartbeat_definer, heartbeat_writer, heartbeat_reader;
+
+    -- heartbeat_definer: the target columns and pg-heartbeat's own tables
+    BEGIN
+        GRANT SELECT (id, created_at, updated_at, first_connected_at, last_connected_at, disconnected_at,
+                      last_connected_replica_id, connection_timeout_seconds),
+              UPDATE (updated_at, first_connected_at, last_connected_at, disconnected_at, last_connected_replica_id)
+           ON public.workspace_agents TO heartbeat_definer;
+    EXCEPTION WHEN insufficient_privilege THEN
+        RAISE EXCEPTION 'pg-heartbeat: % cannot grant heartbeat_definer access to public.workspace_agents: %', CURRENT_USER, SQLERRM
+            USING ERRCODE = '42501',
+                  HINT = 'Run the migrations (or CREATE EXTENSION) as the owner of public.workspace_agents or a superuser, or GRANT the columns listed in sql/014 to heartbeat_definer WITH GRANT OPTION first.';
+    END;
+    GRANT SELECT, INSERT, DELETE ON heartbeat.agent_connection_staging TO heartbeat_definer;
+    FOR t IN SELECT s.relid FROM heartbeat.staging_parts() s LOOP
+        EXECUTE pg_catalog.format('GRANT SELECT, INSERT, DELETE ON %s TO heartbeat_definer', t);
+    END LOOP;
+    GRANT SELECT, INSERT, UPDATE ON heartbeat.merge_state, heartbeat.merge_skips, heartbeat.staging_epoch TO heartbeat_definer;
+    GRANT SELECT, INSERT, DELETE ON heartbeat.dead_letters TO heartbeat_definer;
+    GRANT SELECT ON heartbeat.settings TO heartbeat_definer;
+    FOR f IN SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
+              WHERE p.pronamespace = 'heartbeat'::regnamespace
+                AND p.proname = ANY (ARRAY['clock_horizon', 'valid_time', 'assert_unprivileged',
+                    'apply_snapshots', 'merge_part', 'merge_prelude', 'staging_parts', 'check_times']) LOOP
+        EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO heartbeat_definer', f);
+    END LOOP;
+
+    -- writers and readers: read pg-heartbeat's own tables (status runs with the caller's rights)
+    GRANT SELECT ON heartbeat.agent_connection_staging, heartbeat.merge_state, heartbeat.merge_skips,
+                    heartbeat.staging_epoch, heartbeat.dead_letters, heartbeat.settings, heartbeat.status
+       TO heartbeat_writer, heartbeat_reader;
+    GRANT INSERT ON heartbeat.agent_connection_staging TO heartbeat_writer;
+    FOR f IN SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
+              WHERE p.pronamespace = 'heartbeat'::regnamespace
+                AND p.proname = ANY (ARRAY['merge_status', 'part_status', 'staging_parts',
+                    'valid_time', 'clock_horizon', 'agent_status']) LOOP
+        EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO heartbeat_writer, heartbeat_reader', f);
+    END LOOP;
+    FOR f IN SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
+              WHERE p.pronamespace = 'heartbeat'::regnamespace
+                AND p.proname = ANY (ARRAY['merge_agent_connections', 'merge_staging_part',
+                    'disconnect_agent', 'disconnect_replica', 'staging_epoch']) LOOP
+        EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO heartbeat_writer', f);
+    END LOOP;
+
+    -- every SECURITY DEFINER function to heartbeat_definer (a non-superuser owner
+    -- may only hand a function to a role with CREATE on its schema: for the moment)
+    GRANT CREATE ON SCHEMA heartbeat TO heartbeat_definer;
+    FOR f IN SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
+              WHERE p.pronamespace = 'heartbeat'::regnamespace AND p.prosecdef
+                AND p.proowner <> (SELECT r.oid FROM pg_catalog.pg_roles r
+                                                         WHERE r.rolname = 'heartbeat_definer') LOOP
+        EXECUTE pg_catalog.format('ALTER FUNCTION %s OWNER TO heartbeat_definer', f);
+    END LOOP;
+    REVOKE CREATE ON SCHEMA heartbeat FROM heartbeat_definer;
+
+    PERFORM heartbeat.check_privilege_model();
+END
+$apply$;
+REVOKE ALL ON FUNCTION heartbeat.apply_privileges() FROM PUBLIC;
+
+SELECT heartbeat.apply_privileges();
