@@ -27,6 +27,7 @@ export const SCHEMA = 'heartbeat';
 export const VERSIONS: ReadonlyArray<{ version: string; firstFile: number }> = [
   { version: '1.0', firstFile: 2 },
   { version: '1.1', firstFile: 8 },
+  { version: '1.2', firstFile: 9 },
 ];
 
 const EXTENSION_DIR = dirname(fileURLToPath(import.meta.url));

@@ -54,12 +54,12 @@ GRANT INSERT ON heartbeat.agent_connection_staging TO heartbeat_writer;
 
 -- The parts, by number (the remainder of hash(agent_id) / modulus).
 CREATE FUNCTION heartbeat.staging_parts()
-RETURNS TABLE (part integer, relid regclass)
+RETURNS TABLE (part integer, relid regclass, relname name)
 LANGUAGE sql
 STABLE
 SET search_path = pg_catalog, pg_temp
 AS $parts$
-    SELECT pg_catalog.substring(c.relname::text, '_p([0-9]+)$')::integer, c.oid::regclass
+    SELECT pg_catalog.substring(c.relname::text, '_p([0-9]+)$')::integer, c.oid::regclass, c.relname
       FROM pg_catalog.pg_inherits i
       JOIN pg_catalog.pg_class c ON c.oid = i.inhrelid
      WHERE i.inhparent = 'heartbeat.agent_connection_staging'::regclass
@@ -87,6 +87,8 @@ DECLARE
     moved       bigint := 0;
     n           bigint;
     in_ext      boolean;
+    part_name   text;
+    old_name    text;
 BEGIN
     IF parts IS NULL OR parts < 1 OR parts > 64 THEN
         RAISE EXCEPTION 'heartbeat.set_staging_parts: parts must be from 1 to 64, not %', COALESCE(parts::text, 'NULL')
@@ -113,53 +115,56 @@ BEGIN
 
     -- the old parts become plain tables named *_old<k>
     FOR old IN SELECT * FROM heartbeat.staging_parts() LOOP
-        EXECUTE pg_catalog.format('ALTER TABLE heartbeat.agent_connection_staging DETACH PARTITION %s', old.relid);
-        EXECUTE pg_catalog.format('ALTER TABLE %s RENAME TO %I', old.relid, 'agent_connection_staging_old' || old.part);
+        old_name := 'agent_connection_staging_old' || old.part;
+        EXECUTE pg_catalog.format('ALTER TABLE heartbeat.agent_connection_staging DETACH PARTITION heartbeat.%I', old.relname);
+        EXECUTE pg_catalog.format('ALTER TABLE heartbeat.%I RENAME TO %I', old.relname, old_name);
     END LOOP;
 
     FOR k IN 0 .. parts - 1 LOOP
+        part_name := 'agent_connection_staging_p' || k;
         EXECUTE pg_catalog.format(
-            'CREATE %s TABLE heartbeat.%I PARTITION OF heartbeat.agent_connection_staging '
+            'CREATE UNLOGGED TABLE heartbeat.%I PARTITION OF heartbeat.agent_connection_staging '
             'FOR VALUES WITH (MODULUS %s, REMAINDER %s) WITH ('
             'autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 5000, '
             'autovacuum_vacuum_insert_scale_factor = 0, autovacuum_vacuum_insert_threshold = 100000, '
             'autovacuum_vacuum_cost_delay = 0, autovacuum_analyze_scale_factor = 0, '
             'autovacuum_analyze_threshold = 100000)',
-            CASE persistence WHEN 'LOGGED' THEN '' ELSE 'UNLOGGED' END,
-            'agent_connection_staging_p' || k, parts, k);
-        EXECUTE pg_catalog.format('REVOKE ALL ON heartbeat.%I FROM PUBLIC', 'agent_connection_staging_p' || k);
-        EXECUTE pg_catalog.format('GRANT SELECT, INSERT, DELETE ON heartbeat.%I TO heartbeat_definer',
-                                  'agent_connection_staging_p' || k);
+            part_name, parts::integer, k::integer);
+        IF persistence = 'LOGGED' THEN
+            EXECUTE pg_catalog.format('ALTER TABLE heartbeat.%I SET LOGGED', part_name);
+        END IF;
+        EXECUTE pg_catalog.format('REVOKE ALL ON heartbeat.%I FROM PUBLIC', part_name);
+        EXECUTE pg_catalog.format('GRANT SELECT, INSERT, DELETE ON heartbeat.%I TO heartbeat_definer', part_name);
         -- created outside CREATE/ALTER EXTENSION: make it a member like its parent
         IF in_ext AND NOT EXISTS (
                SELECT 1 FROM pg_catalog.pg_depend d
                 WHERE d.classid = 'pg_catalog.pg_class'::regclass
-                  AND d.objid = pg_catalog.to_regclass('heartbeat.agent_connection_staging_p' || k)
+                  AND d.objid = pg_catalog.to_regclass('heartbeat.' || part_name)
                   AND d.deptype = 'e') THEN
-            EXECUTE pg_catalog.format('ALTER EXTENSION pg_heartbeat ADD TABLE heartbeat.%I', 'agent_connection_staging_p' || k);
+            EXECUTE pg_catalog.format('ALTER EXTENSION pg_heartbeat ADD TABLE heartbeat.%I', part_name);
         END IF;
     END LOOP;
 
     -- move the rows of the old parts (and of the table from before partitioning) into the new ones
-    FOR old IN SELECT c.oid::regclass AS relid
+    FOR old IN SELECT c.oid AS relid, c.relname
                  FROM pg_catalog.pg_class c
                 WHERE c.relnamespace = 'heartbeat'::regnamespace
                   AND c.relkind = 'r'
                   AND (c.relname ~ '^agent_connection_staging_old[0-9]+$'
                        OR c.relname = 'agent_connection_staging_unpartitioned') LOOP
-        EXECUTE pg_catalog.format('INSERT INTO heartbeat.agent_connection_staging SELECT * FROM %s', old.relid);
+        EXECUTE pg_catalog.format('INSERT INTO heartbeat.agent_connection_staging SELECT * FROM heartbeat.%I', old.relname);
         GET DIAGNOSTICS n = ROW_COUNT;
         moved := moved + n;
         IF EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
                     WHERE d.classid = 'pg_catalog.pg_class'::regclass
                       AND d.objid = old.relid AND d.deptype = 'e') THEN
             BEGIN
-                EXECUTE pg_catalog.format('ALTER EXTENSION pg_heartbeat DROP TABLE %s', old.relid);
+                EXECUTE pg_catalog.format('ALTER EXTENSION pg_heartbeat DROP TABLE heartbeat.%I', old.relname);
             EXCEPTION WHEN object_not_in_prerequisite_state OR feature_not_supported THEN
                 NULL;  -- inside the extension's own script: members may simply be dropped
             END;
         END IF;
-        EXECUTE pg_catalog.format('DROP TABLE %s', old.relid);
+        EXECUTE pg_catalog.format('DROP TABLE heartbeat.%I', old.relname);
     END LOOP;
     DELETE FROM heartbeat.merge_state ms
      WHERE ms.part >= parts;

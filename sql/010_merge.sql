@@ -229,10 +229,10 @@ CREATE TYPE heartbeat.merge_result AS (
     lock_busy_since             timestamptz -- since when merges find it taken
 );
 
--- Merges one part: `relid` is heartbeat.agent_connection_staging_p<part>.
+-- Merges one part: `relname` is its table in schema heartbeat (agent_connection_staging_p<part>).
 CREATE FUNCTION heartbeat.merge_part(
     part            integer,
-    relid           regclass,
+    relname         name,
     budget          integer,
     min_interval    interval,
     horizon         timestamptz
@@ -261,7 +261,7 @@ BEGIN
         SELECT ms.last_merge_at, ms.drained_through INTO state
           FROM heartbeat.merge_state ms WHERE ms.part = merge_part.part;
         IF state.last_merge_at > started - min_interval
-           AND state.drained_through = state.last_merge_at THEN
+           AND state.drained_through >= state.last_merge_at THEN
             res.parts_skipped_recent := 1;
             res.duration := pg_catalog.clock_timestamp() - started;
             RETURN res;
@@ -304,8 +304,8 @@ BEGIN
         -- Fast path: one statement; waits at most lock_timeout for row locks.
         EXECUTE pg_catalog.format($fast$
         WITH consumed AS (
-            DELETE FROM %1$s AS s
-             WHERE s.ctid = ANY (ARRAY(SELECT t.ctid FROM %1$s AS t LIMIT $2))
+            DELETE FROM heartbeat.%1$I AS s
+             WHERE s.ctid = ANY (ARRAY(SELECT t.ctid FROM heartbeat.%1$I AS t LIMIT $2))
             RETURNING s.agent_id, s.first_connected_at, s.last_connected_at,
                       s.last_connected_replica_id, s.disconnected_at, s.updated_at,
                       (s.agent_id IS NOT NULL AND s.updated_at IS NOT NULL
@@ -367,7 +367,7 @@ BEGIN
                ELSE 0 END,
                (SELECT pg_catalog.count(*) FROM earlier_first)
           FROM counts c
-        $fast$, relid)
+        $fast$, relname)
           INTO res.rows_consumed, res.skipped_invalid, n_agents, res.agents_updated, res.skipped_unknown
          USING horizon, budget;
         res.skipped_stale := n_agents - res.agents_updated - res.skipped_unknown;
@@ -383,8 +383,8 @@ BEGIN
             snap_at := pg_catalog.clock_timestamp();
             EXECUTE pg_catalog.format($slow$
             WITH consumed AS (
-                DELETE FROM %1$s AS s
-                 WHERE s.ctid = ANY (ARRAY(SELECT t.ctid FROM %1$s AS t LIMIT $2))
+                DELETE FROM heartbeat.%1$I AS s
+                 WHERE s.ctid = ANY (ARRAY(SELECT t.ctid FROM heartbeat.%1$I AS t LIMIT $2))
                 RETURNING s.agent_id, s.first_connected_at, s.last_connected_at,
                           s.last_connected_replica_id, s.disconnected_at, s.updated_at,
                           (s.agent_id IS NOT NULL AND s.updated_at IS NOT NULL
@@ -409,7 +409,7 @@ BEGIN
             SELECT (SELECT pg_catalog.count(*) FROM consumed),
                    (SELECT pg_catalog.count(*) FROM consumed c WHERE NOT c.valid),
                    (SELECT pg_catalog.array_agg(n.snap) FROM newest n)
-            $slow$, relid)
+            $slow$, relname)
               INTO res.rows_consumed, res.skipped_invalid, batch
              USING horizon, budget;
             slow := heartbeat.apply_snapshots(batch);
@@ -447,7 +447,7 @@ BEGIN
     RETURN res;
 END
 $merge_part$;
-REVOKE ALL ON FUNCTION heartbeat.merge_part(integer, regclass, integer, interval, timestamptz) FROM PUBLIC;
+REVOKE ALL ON FUNCTION heartbeat.merge_part(integer, name, integer, interval, timestamptz) FROM PUBLIC;
 
 -- Checks shared by the two entry points; returns the row budget and the horizon.
 CREATE FUNCTION heartbeat.merge_prelude(max_rows integer, OUT budget integer, OUT horizon timestamptz)
@@ -499,7 +499,7 @@ BEGIN
     SELECT pg_catalog.count(*) INTO n_parts FROM heartbeat.staging_parts();
     total := ROW(0, 0, 0, 0, 0, 0, false, 0, n_parts, 0, 0, 0, '{}', false, NULL, NULL, NULL)::heartbeat.merge_result;
     FOR p IN SELECT * FROM heartbeat.staging_parts() LOOP
-        r := heartbeat.merge_part(p.part, p.relid,
+        r := heartbeat.merge_part(p.part, p.relname,
                                   GREATEST(1, pg_catalog.ceil(pre.budget::numeric / n_parts)::integer),
                                   min_interval, pre.horizon);
         total.rows_consumed   := total.rows_consumed   + r.rows_consumed;
@@ -540,18 +540,18 @@ SET search_path = pg_catalog, pg_temp
 SET lock_timeout = '2s'
 AS $merge_one$
 DECLARE
-    pre     record;
-    relid   regclass;
-    n_parts integer;
+    pre         record;
+    part_name   name;
+    n_parts     integer;
 BEGIN
     pre := heartbeat.merge_prelude(max_rows);
-    SELECT s.relid INTO relid FROM heartbeat.staging_parts() s WHERE s.part = merge_staging_part.part;
-    IF relid IS NULL THEN
+    SELECT s.relname INTO part_name FROM heartbeat.staging_parts() s WHERE s.part = merge_staging_part.part;
+    IF part_name IS NULL THEN
         SELECT pg_catalog.count(*) INTO n_parts FROM heartbeat.staging_parts();
         RAISE EXCEPTION 'heartbeat.merge_staging_part: staging has parts 0 to %, not %', n_parts - 1, part
             USING ERRCODE = '22023';
     END IF;
-    RETURN NEXT heartbeat.merge_part(part, relid, pre.budget, min_interval, pre.horizon);
+    RETURN NEXT heartbeat.merge_part(part, part_name, pre.budget, min_interval, pre.horizon);
 END
 $merge_one$;
 

@@ -28,8 +28,10 @@ DECLARE
 BEGIN
     FOREACH t IN ARRAY times LOOP
         IF NOT heartbeat.valid_time(t, horizon) THEN
-            RAISE EXCEPTION '%: % is not a valid time (finite, from 1970 to heartbeat.clock_horizon(), now %)',
-                caller, t, horizon
+            RAISE EXCEPTION '%: % %', caller, t,
+                CASE WHEN NOT pg_catalog.isfinite(t) THEN 'is not a finite time'
+                     WHEN t > horizon THEN 'is too far ahead of the database clock (beyond heartbeat.clock_horizon(), ' || horizon || ')'
+                     ELSE 'is before 1970' END
                 USING ERRCODE = '22008',  -- datetime_field_overflow
                       HINT = 'Timestamps must be real instants; one far ahead means a replica clock is wrong.';
         END IF;

@@ -140,6 +140,9 @@ REVOKE ALL ON FUNCTION heartbeat.check_privilege_model() FROM PUBLIC;
 
 -- Grants what each role needs, hands every SECURITY DEFINER function to
 -- heartbeat_definer, and checks the result. Run by the owner of the schema.
+-- This is the one list of pg-heartbeat's privileges: a migration that adds or
+-- replaces a function replaces this function too and calls it again (the check
+-- at the end fails on a SECURITY DEFINER function left out).
 CREATE FUNCTION heartbeat.apply_privileges()
 RETURNS void
 LANGUAGE plpgsql
@@ -147,12 +150,11 @@ VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $apply$
 DECLARE
-    f   regprocedure;
-    t   regclass;
+    p record;
 BEGIN
     GRANT USAGE ON SCHEMA heartbeat TO heartbeat_definer, heartbeat_writer, heartbeat_reader;
 
-    -- heartbeat_definer: the target columns and pg-heartbeat's own tables
+    -- heartbeat_definer: the target columns, pg-heartbeat's own tables and helper functions
     BEGIN
         GRANT SELECT (id, created_at, updated_at, first_connected_at, last_connected_at, disconnected_at,
                       last_connected_replica_id, connection_timeout_seconds),
@@ -164,46 +166,45 @@ BEGIN
                   HINT = 'Run the migrations (or CREATE EXTENSION) as the owner of public.workspace_agents or a superuser, or GRANT the columns listed in sql/014 to heartbeat_definer WITH GRANT OPTION first.';
     END;
     GRANT SELECT, INSERT, DELETE ON heartbeat.agent_connection_staging TO heartbeat_definer;
-    FOR t IN SELECT s.relid FROM heartbeat.staging_parts() s LOOP
-        EXECUTE pg_catalog.format('GRANT SELECT, INSERT, DELETE ON %s TO heartbeat_definer', t);
+    FOR p IN SELECT s.relname FROM heartbeat.staging_parts() s LOOP
+        EXECUTE pg_catalog.format('GRANT SELECT, INSERT, DELETE ON heartbeat.%I TO heartbeat_definer', p.relname);
     END LOOP;
     GRANT SELECT, INSERT, UPDATE ON heartbeat.merge_state, heartbeat.merge_skips, heartbeat.staging_epoch TO heartbeat_definer;
     GRANT SELECT, INSERT, DELETE ON heartbeat.dead_letters TO heartbeat_definer;
     GRANT SELECT ON heartbeat.settings TO heartbeat_definer;
-    FOR f IN SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
-              WHERE p.pronamespace = 'heartbeat'::regnamespace
-                AND p.proname = ANY (ARRAY['clock_horizon', 'valid_time', 'assert_unprivileged',
-                    'apply_snapshots', 'merge_part', 'merge_prelude', 'staging_parts', 'check_times']) LOOP
-        EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO heartbeat_definer', f);
-    END LOOP;
+    GRANT EXECUTE ON FUNCTION heartbeat.clock_horizon(), heartbeat.valid_time(timestamptz, timestamptz),
+                              heartbeat.assert_unprivileged(), heartbeat.apply_snapshots(heartbeat.snapshot[]),
+                              heartbeat.merge_part(integer, name, integer, interval, timestamptz),
+                              heartbeat.merge_prelude(integer), heartbeat.staging_parts(),
+                              heartbeat.check_times(text, timestamptz[])
+       TO heartbeat_definer;
 
-    -- writers and readers: read pg-heartbeat's own tables (status runs with the caller's rights)
+    -- writers and readers read pg-heartbeat's own tables (status runs with the caller's rights)
     GRANT SELECT ON heartbeat.agent_connection_staging, heartbeat.merge_state, heartbeat.merge_skips,
                     heartbeat.staging_epoch, heartbeat.dead_letters, heartbeat.settings, heartbeat.status
        TO heartbeat_writer, heartbeat_reader;
+    GRANT EXECUTE ON FUNCTION heartbeat.merge_status(), heartbeat.part_status(), heartbeat.staging_parts(),
+                              heartbeat.valid_time(timestamptz, timestamptz), heartbeat.clock_horizon(),
+                              heartbeat.agent_status(interval, uuid[])
+       TO heartbeat_writer, heartbeat_reader;
+    -- writers write: COPY into staging, the merge, the disconnects, the staging epoch
     GRANT INSERT ON heartbeat.agent_connection_staging TO heartbeat_writer;
-    FOR f IN SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
-              WHERE p.pronamespace = 'heartbeat'::regnamespace
-                AND p.proname = ANY (ARRAY['merge_status', 'part_status', 'staging_parts',
-                    'valid_time', 'clock_horizon', 'agent_status']) LOOP
-        EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO heartbeat_writer, heartbeat_reader', f);
-    END LOOP;
-    FOR f IN SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
-              WHERE p.pronamespace = 'heartbeat'::regnamespace
-                AND p.proname = ANY (ARRAY['merge_agent_connections', 'merge_staging_part',
-                    'disconnect_agent', 'disconnect_replica', 'staging_epoch']) LOOP
-        EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO heartbeat_writer', f);
-    END LOOP;
+    GRANT EXECUTE ON FUNCTION heartbeat.merge_agent_connections(integer, interval),
+                              heartbeat.merge_staging_part(integer, integer, interval),
+                              heartbeat.disconnect_agent(uuid, timestamptz, timestamptz, uuid, timestamptz, timestamptz),
+                              heartbeat.disconnect_replica(uuid, timestamptz, timestamptz),
+                              heartbeat.staging_epoch()
+       TO heartbeat_writer;
 
     -- every SECURITY DEFINER function to heartbeat_definer (a non-superuser owner
     -- may only hand a function to a role with CREATE on its schema: for the moment)
     GRANT CREATE ON SCHEMA heartbeat TO heartbeat_definer;
-    FOR f IN SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
-              WHERE p.pronamespace = 'heartbeat'::regnamespace AND p.prosecdef
-                AND p.proowner <> (SELECT r.oid FROM pg_catalog.pg_roles r
-                                                         WHERE r.rolname = 'heartbeat_definer') LOOP
-        EXECUTE pg_catalog.format('ALTER FUNCTION %s OWNER TO heartbeat_definer', f);
-    END LOOP;
+    ALTER FUNCTION heartbeat.merge_agent_connections(integer, interval) OWNER TO heartbeat_definer;
+    ALTER FUNCTION heartbeat.merge_staging_part(integer, integer, interval) OWNER TO heartbeat_definer;
+    ALTER FUNCTION heartbeat.staging_epoch() OWNER TO heartbeat_definer;
+    ALTER FUNCTION heartbeat.disconnect_agent(uuid, timestamptz, timestamptz, uuid, timestamptz, timestamptz) OWNER TO heartbeat_definer;
+    ALTER FUNCTION heartbeat.disconnect_replica(uuid, timestamptz, timestamptz) OWNER TO heartbeat_definer;
+    ALTER FUNCTION heartbeat.agent_status(interval, uuid[]) OWNER TO heartbeat_definer;
     REVOKE CREATE ON SCHEMA heartbeat FROM heartbeat_definer;
 
     PERFORM heartbeat.check_privilege_model();

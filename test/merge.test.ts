@@ -37,7 +37,8 @@ describe('heartbeat.merge_agent_connections()', () => {
     const result = await mergeNow(db.pool);
     assert.deepEqual(result, {
       rowsConsumed: 4, agentsUpdated: 2, skippedStale: 0, skippedUnknown: 0, skippedInvalid: 0, deferredLocked: 0,
-      skippedConcurrent: false,
+      deadLettered: 0, skippedConcurrent: false, parts: 4, partsMerged: 4, partsSkippedConcurrent: 0, partsSkippedRecent: 0,
+      partsWithMore: [], more: false, lockHolderPid: null, lockBusySince: null, statements: 1,
     });
     const rowA = await agentRow(db.pool, a!);
     assert.deepEqual(rowA.last_connected_at, t(3));

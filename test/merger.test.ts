@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import pg from 'pg';
-import { MigrationsMissingError, type HeartbeatError } from '../src/errors.ts';
+import { InvalidOptionError, MigrationsMissingError, type HeartbeatError } from '../src/errors.ts';
 import { checkTimingInvariant } from '../src/invariant.ts';
 import type { Logger } from '../src/logger.ts';
 import { migrate } from '../src/migrate.ts';
@@ -54,8 +54,9 @@ async function lockAgent(agentId: string): Promise<{ release(): Promise<void> }>
   };
 }
 
+/** Part merges recorded in heartbeat.merge_state (every part's counter). */
 async function mergesTotal(): Promise<number> {
-  const { rows } = await db.pool.query<{ n: string }>('SELECT merges_total AS n FROM heartbeat.merge_state');
+  const { rows } = await db.pool.query<{ n: string }>('SELECT COALESCE(sum(merges_total), 0) AS n FROM heartbeat.merge_state');
   return Number(rows[0]!.n);
 }
 
@@ -85,36 +86,55 @@ describe('startMerger', () => {
     assert.equal(merger.stats().merges, reports.length);
   });
 
-  test('two mergers on separate pools never merge at the same time: one skips without waiting', async () => {
+  test('two mergers on separate pools never merge a part at the same time: one skips it without waiting', async () => {
     const ids = await createAgents(db.pool, 20);
     const before = await mergesTotal();
-    // one locked row makes every merge that does work take lock_timeout (2 s), so the mergers collide
+    // one locked row makes every merge of its part take lock_timeout (2 s), so the mergers collide on that part
     const lock = await lockAgent(ids[0]!);
-    await stage(ids, new Date(Date.now() - 1000));
     const reports: MergeReport[] = [];
-    const options = { intervalMs: 30, logger: silentLogger, onMerge: (r: MergeReport) => reports.push(r) };
+    const options = { intervalMs: 30, jitter: 0, logger: silentLogger, onMerge: (r: MergeReport) => reports.push(r) };
     const a = startMerger({ connectionString: db.url }, options);
     const b = startMerger({ connectionString: db.url }, options);
     try {
-      await waitFor('a skipped merge and two merges that did work', () =>
-        reports.some((r) => r.skippedConcurrent) && reports.filter((r) => !r.skippedConcurrent).length >= 2);
+      await stage(ids, new Date(Date.now() - 1000));
+      await waitFor('a part skipped because the other merger held it, and merges that did work', () =>
+        reports.some((r) => r.partsSkippedConcurrent > 0) && reports.filter((r) => r.partsMerged > 0).length >= 2);
+    } finally {
       await lock.release();
+    }
+    try {
       await waitFor('the locked agent merged too', async () => (await agentRow(db.pool, ids[0]!)).last_connected_at !== null);
     } finally {
-      await Promise.all([a.stop(), b.stop()]);
+      await Promise.all([a.close(), b.close()]);
     }
-    const worked = reports.filter((r) => !r.skippedConcurrent);
-    const skipped = reports.filter((r) => r.skippedConcurrent);
-    assert.ok(skipped.length > 0);
-    assert.ok(skipped.every((r) => r.rowsConsumed === 0 && r.agentsUpdated === 0), 'a skipped merge did nothing');
-    assert.ok(skipped.every((r) => r.durationMs < 2000), 'a skipped merge did not wait for the running one (lock_timeout is 2 s)');
-    assert.equal(await mergesTotal() - before, worked.length, 'every merge that ran is in merge_state, none twice');
-    const consumed = worked.reduce((n, r) => n + r.rowsConsumed, 0);
-    const deferred = worked.reduce((n, r) => n + r.deferredLocked, 0);
-    assert.ok(deferred >= 1);
+    const contended = reports.filter((r) => r.partsSkippedConcurrent > 0 && r.partsMerged === 0);
+    for (const r of contended) {
+      assert.equal(r.rowsConsumed + r.agentsUpdated, 0, 'a tick that merged no part did nothing');
+      assert.ok(r.durationMs < 2000, 'and did not wait for the running merge (lock_timeout is 2 s)');
+    }
+    const partMerges = reports.reduce((n, r) => n + r.partsMerged, 0);
+    assert.equal(await mergesTotal() - before, partMerges, 'every part merge that ran is in merge_state, none twice');
+    const consumed = reports.reduce((n, r) => n + r.rowsConsumed, 0);
+    const deferred = reports.reduce((n, r) => n + r.deferredLocked, 0);
     assert.equal(consumed, 20 + deferred, 'each staged row consumed once (re-staged locked rows once more each time)');
-    assert.equal(worked.reduce((n, r) => n + r.agentsUpdated, 0), 20, 'each agent updated exactly once');
-    assert.equal(a.stats().skippedConcurrent + b.stats().skippedConcurrent, skipped.length);
+    assert.equal(reports.reduce((n, r) => n + r.agentsUpdated, 0), 20, 'each agent updated exactly once');
+  });
+
+  test('replicas do not multiply merges: a part another merger merged just now is skipped', async () => {
+    const reports: MergeReport[][] = [[], [], []];
+    const mergers = reports.map((list) =>
+      startMerger({ connectionString: db.url }, { intervalMs: 300, logger: silentLogger, onMerge: (r) => list.push(r) }));
+    try {
+      await new Promise((r) => setTimeout(r, 3200));
+    } finally {
+      await Promise.all(mergers.map((m) => m.close()));
+    }
+    const all = reports.flat();
+    const merged = all.reduce((n, r) => n + r.partsMerged, 0) / (all[0]?.parts ?? 1);
+    // three replicas tick 3 x ~10 times in 3.2 s; without the skip each would merge every part every tick
+    assert.ok(all.length >= 24, `ticks: ${all.length}`);
+    assert.ok(merged <= 16, `merges of every part: ${merged} for ${all.length} ticks of 3 replicas`);
+    assert.ok(all.reduce((n, r) => n + r.partsSkippedRecent, 0) > 0, 'parts were skipped as merged recently');
   });
 
   test('stop() is idempotent and safe to call concurrently; nothing runs afterwards; asyncDispose stops it', async () => {
@@ -157,7 +177,7 @@ describe('startMerger', () => {
     try {
       await waitFor('the merge waiting for the locked row', async () => {
         const { rows } = await db.pool.query(
-          "SELECT 1 FROM pg_stat_activity WHERE application_name = $1 AND state = 'active' AND query LIKE '%merge_agent_connections%'",
+          "SELECT 1 FROM pg_stat_activity WHERE application_name = $1 AND state = 'active' AND query LIKE '%merge_%'",
           [app],
         );
         return rows.length > 0;
@@ -229,10 +249,17 @@ describe('startMerger', () => {
     assert.ok(lines.some((l) => l.level === 'warn' && /onMerge hook threw/.test(l.message)));
   });
 
-  test('bad options are rejected before anything starts', () => {
-    assert.throws(() => startMerger({ connectionString: db.url }, { intervalMs: 0 }), RangeError);
-    assert.throws(() => startMerger({ connectionString: db.url }, { jitter: 1 }), RangeError);
-    assert.throws(() => startMerger({} as never), TypeError);
+  test('bad options are rejected before anything starts, with a typed error naming the option', () => {
+    const bad: [Record<string, unknown>, string][] = [
+      [{ intervalMs: 0 }, 'intervalMs'], [{ intervalMs: 2 ** 31 }, 'intervalMs'], [{ intervalMs: Number.NaN }, 'intervalMs'],
+      [{ jitter: 1 }, 'jitter'], [{ queryTimeoutMs: -5 }, 'queryTimeoutMs'], [{ maxRows: 1.5 }, 'maxRows'],
+      [{ parallelism: 0 }, 'parallelism'], [{ stopTimeoutMs: 2 ** 40 }, 'stopTimeoutMs'], [{ onMerge: 'x' }, 'onMerge'],
+    ];
+    for (const [options, option] of bad) {
+      assert.throws(() => startMerger({ connectionString: db.url }, options as never),
+        (e: unknown) => e instanceof InvalidOptionError && e.option === option, JSON.stringify(options));
+    }
+    assert.throws(() => startMerger(null as never), TypeError);
   });
 });
 

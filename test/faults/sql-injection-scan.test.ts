@@ -158,7 +158,53 @@ export function scanScript(src: string): string[] {
   return problems;
 }
 
-/** Problems in one SQL file: dynamic SQL built by concatenation or %s. */
+/**
+ * The arguments of a format() call that its %s (or %n$s) placeholders take:
+ * `undefined` when the call cannot be read.
+ */
+function percentSArgs(call: string): string[] | undefined {
+  // the format string: '...' or $tag$...$tag$
+  const fmt = /^\s*'((?:[^']|'')*)'/.exec(call) ?? /^\s*\$(\w*)\$[\s\S]*?\$\1\$/.exec(call);
+  if (!fmt) return undefined;
+  const text = fmt[0].startsWith("'", fmt[0].search(/\S/)) ? fmt[1]! : fmt[0];
+  const args: string[] = [];
+  let depth = 0;
+  let quoted = false;
+  let from = fmt[0].length;
+  for (let i = from; i < call.length; i++) {
+    const c = call[i]!;
+    if (c === "'") quoted = !quoted;
+    if (quoted) continue;
+    if (c === '(') depth++;
+    if (c === ')') {
+      if (depth === 0) {
+        args.push(call.slice(from, i));
+        break;
+      }
+      depth--;
+    }
+    if (c === ',' && depth === 0) {
+      args.push(call.slice(from, i));
+      from = i + 1;
+    }
+  }
+  const values = args.slice(1).map((a) => a.trim());
+  const picked: string[] = [];
+  let next = 0;
+  for (const m of text.matchAll(/%(?:(\d+)\$)?([sIL%])/g)) {
+    if (m[2] === '%') continue;
+    const index = m[1] ? Number(m[1]) - 1 : next;
+    next = index + 1;
+    if (m[2] === 's') picked.push(values[index] ?? '');
+  }
+  return picked;
+}
+
+/**
+ * Problems in one SQL file: dynamic SQL built by concatenation, or by
+ * format()'s %s with anything but an explicit integer cast (identifiers go
+ * through %I, values through %L or USING).
+ */
 export function scanSql(src: string): string[] {
   const problems: string[] = [];
   const code = src.replace(/--[^\n]*/g, '');
@@ -166,7 +212,12 @@ export function scanSql(src: string): string[] {
     const stmt = m[1]!;
     if (/^(FUNCTION|PROCEDURE)\b/i.test(stmt.trim())) continue; // GRANT EXECUTE ON ..., CREATE TRIGGER ... EXECUTE FUNCTION
     if (/\|\|/.test(stmt)) problems.push(`EXECUTE built with ||: ${stmt.slice(0, 80)}`);
-    if (/format\s*\([^)]*%s/i.test(stmt)) problems.push(`EXECUTE built with format('%s'): ${stmt.slice(0, 80)}`);
+    for (const f of stmt.matchAll(/format\s*\(/gi)) {
+      const args = percentSArgs(stmt.slice(f.index! + f[0].length));
+      if (args === undefined || args.some((a) => !/::\s*(int|integer|int4|int8|bigint)\s*$/i.test(a))) {
+        problems.push(`EXECUTE built with format('%s') of a non-integer: ${stmt.slice(0, 80)}`);
+      }
+    }
   }
   return problems;
 }
@@ -203,6 +254,11 @@ describe('no SQL built from input', () => {
     assert.notDeepEqual(scanSql("EXECUTE 'SELECT * FROM ' || tbl;"), []);
     assert.notDeepEqual(scanSql("EXECUTE format('SELECT * FROM %s', tbl);"), []);
     assert.deepEqual(scanSql("EXECUTE format('SELECT * FROM %I WHERE x = $1', tbl) USING v;"), []);
+    assert.notDeepEqual(scanSql("EXECUTE format('SELECT %I FROM %1$s', tbl);"), [], 'positional %s of a name');
+    assert.notDeepEqual(scanSql("EXECUTE format('MODULUS %s, REMAINDER %s', n::integer, k);"), [], 'one %s without a cast');
+    assert.deepEqual(scanSql("EXECUTE format('CREATE TABLE %I (MODULUS %s, REMAINDER %s)', name, n::integer, (k)::int);"), []);
+    assert.deepEqual(scanSql('EXECUTE format($q$DELETE FROM heartbeat.%1$I WHERE x = $1$q$, part) USING v;'), []);
+    assert.notDeepEqual(scanSql('EXECUTE format($q$DELETE FROM %1$s$q$, part) USING v;'), []);
     assert.deepEqual(scanSql('GRANT EXECUTE ON FUNCTION heartbeat.f() TO heartbeat_writer;'), []);
   });
 
