@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
 import { after, before, describe, test } from 'node:test';
-import { ClosedError, HeartbeatError, InvalidUpdateError, MigrationsMissingError } from '../src/errors.ts';
+import { ClosedError, HeartbeatError, InvalidOptionError, InvalidUpdateError, MigrationsMissingError } from '../src/errors.ts';
 import { silentLogger } from '../src/logger.ts';
 import { mergeNow } from '../src/merge.ts';
 import { HeartbeatStager } from '../src/stager.ts';
@@ -74,7 +74,7 @@ describe('HeartbeatStager', () => {
     const [agentId] = await createAgents(db.pool, 1);
     await using stager = new HeartbeatStager({ pool: db.pool }, { ...quiet, flushIntervalMs: 600_000 });
     const replica = randomUUID().toUpperCase();
-    const old = new Date('1969-07-20T20:17:40.123Z');
+    const old = new Date('1970-01-01T00:00:00.123Z');
     stager.stage({ agentId: agentId!, firstConnectedAt: old, lastConnectedAt: new Date('2026-03-04T05:06:07.891Z'), lastConnectedReplicaId: replica, disconnectedAt: null, updatedAt: new Date('2026-03-04T05:06:07.891Z') });
     await stager.flush();
     await mergeNow(db.pool);
@@ -240,7 +240,7 @@ describe('HeartbeatStager', () => {
     assert.ok(stager.stats().failedCopies >= 2);
     const warnings = logger.calls.filter((c) => c.level === 'warn');
     assert.equal(warnings.length, stager.stats().failedCopies - 1, 'one warning per failed background attempt (flush() rejected instead)');
-    assert.match(warnings[0]!.message, /COPY into staging failed; retrying in \d+ ms/);
+    assert.match(warnings[0]!.message, /COPY into staging failed: .*; retrying in \d+ ms/);
   });
 
   test('a connection killed by pg_terminate_backend is replaced and the retry lands the rows', async () => {
@@ -265,12 +265,22 @@ describe('HeartbeatStager', () => {
     await stager.flush();
     assert.deepEqual(stager.stats(), {
       staged: 0, deduped: 0, rejected: 0, rowsCopied: 0, copies: 0, failedCopies: 0, droppedByDisconnect: 0,
-      pendingAgents: 0, lastCopyDurationMs: null,
+      pendingAgents: 0, retainedAgents: 0, resets: 0, resentAgents: 0, lastCopyDurationMs: null,
     });
   });
 
-  test('rejects bad options and connection arguments', () => {
-    assert.throws(() => new HeartbeatStager({ pool: db.pool }, { flushIntervalMs: 0 }), RangeError);
-    assert.throws(() => new HeartbeatStager({} as never), TypeError);
+  test('rejects bad options and connection arguments with a typed error naming the option', () => {
+    const bad: [Record<string, unknown>, string][] = [
+      [{ flushIntervalMs: 0 }, 'flushIntervalMs'], [{ flushIntervalMs: 2 ** 31 }, 'flushIntervalMs'],
+      [{ closeTimeoutMs: 2 ** 31 }, 'closeTimeoutMs'], [{ queryTimeoutMs: Number.POSITIVE_INFINITY }, 'queryTimeoutMs'],
+      [{ maxBatchSize: 0.5 }, 'maxBatchSize'], [{ maxRowsPerCopy: -1 }, 'maxRowsPerCopy'], [{ retryMaxDelayMs: '5' }, 'retryMaxDelayMs'],
+      [{ onFlush: 42 }, 'onFlush'],
+    ];
+    for (const [options, option] of bad) {
+      assert.throws(() => new HeartbeatStager({ pool: db.pool }, options as never),
+        (e: unknown) => e instanceof InvalidOptionError && e.option === option, JSON.stringify(options));
+    }
+    assert.throws(() => new HeartbeatStager(null as never), TypeError);
+    assert.throws(() => new HeartbeatStager({ pool: {} } as never), TypeError);
   });
 });

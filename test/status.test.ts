@@ -70,16 +70,16 @@ describe('heartbeat.status', () => {
     assert.equal(merged.last_merge_rows_consumed, '3');
     assert.equal(merged.last_merge_agents_updated, '2');
     assert.equal(merged.last_merge_skipped_unknown, '1');
-    assert.equal(merged.merges_total, '1');
+    assert.equal(merged.merges_total, '4', 'one merge of each of the 4 parts');
     assert.equal(merged.cron_database, null, 'this cluster has no pg_cron');
     assert.equal(merged.cron_scheduled, null);
 
     await mergeNow(db.pool);
     const again = await status();
-    assert.equal(again.merges_total, '2', 'one row, updated per merge');
+    assert.equal(again.merges_total, '8', 'one row per part, updated per merge');
     assert.equal(again.last_merge_rows_consumed, '0', 'describes the last merge only');
     const { rows } = await db.pool.query('SELECT count(*)::int AS n FROM heartbeat.merge_state');
-    assert.equal(rows[0].n, 1, 'merge_state does not grow');
+    assert.equal(rows[0].n, 4, 'merge_state does not grow: a row per part');
   });
 
   test('readStatus() returns it typed, in milliseconds', async () => {
@@ -88,7 +88,11 @@ describe('heartbeat.status', () => {
     assert.equal(s.stagedRows, 1);
     assert.ok(s.mergeLagMs! >= 3000, String(s.mergeLagMs));
     assert.ok(s.lastMerge !== null && s.lastMerge.durationMs >= 0 && s.lastMerge.sinceMs >= 0);
-    assert.equal(s.mergesTotal, 2);
+    assert.equal(s.mergesTotal, 8);
+    assert.equal(s.parts.length, 4);
+    assert.equal(s.parts.reduce((n, p) => n + p.stagedRows, 0), 1);
+    assert.equal(s.deadLetters, 0);
+    assert.deepEqual(s.mergeLock, { holderPid: null, busySince: null });
     assert.deepEqual(s.cron, { database: null, jobName: null, schedule: null, scheduled: null });
     await mergeNow(db.pool);
   });

@@ -16,11 +16,11 @@ describe('update validation', () => {
     }
   });
 
-  test('times: Dates only, valid, from 1900 on, not beyond the clock-skew bound', () => {
+  test('times: Dates only, valid, from 1970 on (the database\'s heartbeat.valid_time()), not beyond the clock-skew bound', () => {
     const now = at(0).getTime();
-    const ok = toSnapshot({ agentId: id, updatedAt: new Date('1950-06-01T00:00:00Z') }, skew, now);
-    assert.equal(ok.updated, Date.UTC(1950, 5, 1));
-    assert.throws(() => toSnapshot({ agentId: id, updatedAt: new Date('1899-12-31T23:59:59Z') }, skew, now), /before 1900/);
+    const ok = toSnapshot({ agentId: id, updatedAt: new Date('1970-01-01T00:00:00Z') }, skew, now);
+    assert.equal(ok.updated, 0);
+    assert.throws(() => toSnapshot({ agentId: id, updatedAt: new Date('1969-12-31T23:59:59.999Z') }, skew, now), /before 1970/);
     assert.throws(() => toSnapshot({ agentId: id, updatedAt: new Date(now + skew + 1) }, skew, now), /too far in the future/);
     assert.doesNotThrow(() => toSnapshot({ agentId: id, updatedAt: new Date(now + skew) }, skew, now));
     assert.throws(() => toSnapshot({ agentId: id, updatedAt: at(1), lastConnectedAt: new Date(now + 86_400_000) }, skew, now), (e: InvalidUpdateError) => e.field === 'lastConnectedAt');
