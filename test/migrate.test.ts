@@ -65,14 +65,22 @@ describe('migrate()', () => {
     const ran = await migrate({ connectionString: db.url }, quiet);
     assert.equal(ran.length, (await import('node:fs')).readdirSync(new URL('../migrations/', import.meta.url)).filter((f) => f.endsWith('.js')).length);
     assert.deepEqual(await migrate({ pool: db.pool }, quiet), []);
-    const { rows } = await db.pool.query(`SELECT relpersistence, reloptions FROM pg_class WHERE oid = 'heartbeat.agent_connection_staging'::regclass`);
-    assert.equal(rows[0].relpersistence, 'u', 'staging is UNLOGGED');
-    const idx = await db.pool.query(`SELECT count(*)::int AS n FROM pg_index WHERE indrelid = 'heartbeat.agent_connection_staging'::regclass`);
-    assert.equal(idx.rows[0].n, 0, 'staging has no indexes');
-    const trg = await db.pool.query(`SELECT count(*)::int AS n FROM pg_trigger WHERE tgrelid = 'heartbeat.agent_connection_staging'::regclass`);
-    assert.equal(trg.rows[0].n, 0, 'staging has no triggers');
-    const defaults = await db.pool.query(`SELECT count(*)::int AS n FROM pg_attrdef WHERE adrelid = 'heartbeat.agent_connection_staging'::regclass`);
-    assert.equal(defaults.rows[0].n, 0, 'staging has no defaults');
+    const { rows: parent } = await db.pool.query(`SELECT relkind FROM pg_class WHERE oid = 'heartbeat.agent_connection_staging'::regclass`);
+    assert.equal(parent[0].relkind, 'p', 'staging is a partitioned table');
+    const { rows: parts } = await db.pool.query(
+      `SELECT c.relname, c.relpersistence, pg_get_expr(c.relpartbound, c.oid) AS bound
+         FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+        WHERE i.inhparent = 'heartbeat.agent_connection_staging'::regclass ORDER BY c.relname`);
+    assert.deepEqual(parts.map((p) => [p.relname, p.relpersistence, p.bound]), [0, 1, 2, 3].map((k) =>
+      [`agent_connection_staging_p${k}`, 'u', `FOR VALUES WITH (modulus 4, remainder ${k})`]), 'four UNLOGGED hash parts');
+    for (const table of ['heartbeat.agent_connection_staging', ...parts.map((p) => `heartbeat.${p.relname}`)]) {
+      const idx = await db.pool.query('SELECT count(*)::int AS n FROM pg_index WHERE indrelid = $1::regclass', [table]);
+      assert.equal(idx.rows[0].n, 0, `${table} has no indexes`);
+      const trg = await db.pool.query('SELECT count(*)::int AS n FROM pg_trigger WHERE tgrelid = $1::regclass', [table]);
+      assert.equal(trg.rows[0].n, 0, `${table} has no triggers`);
+      const defaults = await db.pool.query('SELECT count(*)::int AS n FROM pg_attrdef WHERE adrelid = $1::regclass', [table]);
+      assert.equal(defaults.rows[0].n, 0, `${table} has no defaults`);
+    }
     const wa = await db.pool.query(`SELECT indexrelid::regclass::text AS name FROM pg_index WHERE indrelid = 'public.workspace_agents'::regclass`);
     assert.deepEqual(wa.rows.map((r) => r.name), ['workspace_agents_pkey'], 'no index on the connection columns');
   });
@@ -121,14 +129,56 @@ describe('migrate()', () => {
     assert.equal(rows[0].n, runs.flat().length);
   });
 
-  test('down then up again', async () => {
+  test('going down from 009 on is refused with a clear message and changes nothing; 001-008 still go down and up', async () => {
     const db = await emptyDb('migrate_down');
-    const all = await migrate({ connectionString: db.url }, quiet);
-    const down = await migrate({ connectionString: db.url }, { ...quiet, direction: 'down', count: all.length });
-    assert.equal(down.length, all.length);
+    const first = await migrate({ connectionString: db.url }, { ...quiet, count: 8 });
+    assert.equal(first.length, 8);
+    const down = await migrate({ connectionString: db.url }, { ...quiet, direction: 'down', count: 8 });
+    assert.equal(down.length, 8);
     const { rows } = await db.pool.query(`SELECT to_regproc('heartbeat.merge_agent_connections') AS f`);
     assert.equal(rows[0].f, null);
-    assert.deepEqual(await migrate({ connectionString: db.url }, quiet), all);
+    const all = await migrate({ connectionString: db.url }, quiet);
+    assert.deepEqual(all.slice(0, 8), first);
+    await assert.rejects(migrate({ connectionString: db.url }, { ...quiet, direction: 'down' }), (err: Error) => {
+      assert.ok(err instanceof DatabaseError);
+      assert.match(err.message, /forward-only: it cannot be reverted .*DROP SCHEMA heartbeat CASCADE/);
+      return true;
+    });
+    const after = await db.pool.query('SELECT count(*)::int AS n FROM heartbeat.migrations');
+    assert.equal(after.rows[0].n, all.length, 'nothing was reverted');
+    assert.deepEqual(await migrate({ connectionString: db.url }, quiet), []);
+  });
+
+  test('upgrading from 008 while a stager COPYs moves staged rows into the parts: nothing is lost', async () => {
+    const db = await emptyDb('migrate_upgrade');
+    await migrate({ connectionString: db.url }, { ...quiet, count: 8 });
+    const ids = Array.from({ length: 2000 }, () => randomUUID());
+    await db.pool.query("INSERT INTO public.workspace_agents (id, updated_at) SELECT unnest($1::uuid[]), '2020-01-01'", [ids]);
+    const at = new Date(Date.now() - 60_000);
+    // staged before the upgrade (into the unpartitioned table) ...
+    await db.pool.query(
+      'INSERT INTO heartbeat.agent_connection_staging (agent_id, last_connected_at, updated_at) SELECT unnest($1::uuid[]), $2, $2',
+      [ids.slice(0, 1000), at],
+    );
+    // ... and by a stager COPYing throughout the upgrade
+    await using stager = new HeartbeatStager({ pool: db.pool }, { ...quiet, flushIntervalMs: 5, resendAfterReset: false });
+    let i = 1000;
+    const feeding = setInterval(() => {
+      for (let k = 0; k < 20 && i < ids.length; k++, i++) stager.stage({ agentId: ids[i]!, lastConnectedAt: at, updatedAt: at });
+    }, 2);
+    try {
+      const ran = await migrate({ connectionString: db.url }, quiet);
+      assert.ok(ran.length >= 6);
+      while (i < ids.length) await new Promise((r) => setTimeout(r, 5));
+    } finally {
+      clearInterval(feeding);
+    }
+    await stager.flush();
+    let merged = 0;
+    for (let k = 0; k < 5; k++) merged += (await mergeNow(db.pool)).agentsUpdated;
+    assert.equal(merged, ids.length, 'every agent staged before and during the upgrade was merged');
+    const { rows } = await db.pool.query('SELECT count(*)::int AS n FROM public.workspace_agents WHERE last_connected_at IS NOT NULL');
+    assert.equal(rows[0].n, ids.length);
   });
 
   test('an unreachable database is a ConnectionError', async () => {

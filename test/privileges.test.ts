@@ -53,8 +53,16 @@ describe('heartbeat_writer', () => {
     await denied('UPDATE public.workspace_agents SET disconnected_at = now() WHERE id = $1', [agentId]);
     await denied('SELECT * FROM public.workspace_agents');
     await denied('DELETE FROM public.workspace_agents');
-    await denied('SELECT * FROM heartbeat.agent_connection_staging');
+    await denied('SELECT * FROM heartbeat.agent_connection_staging_p0');
     await denied('DELETE FROM heartbeat.agent_connection_staging');
+    await denied('DELETE FROM heartbeat.dead_letters');
+    await denied('UPDATE heartbeat.settings SET max_rows_per_merge = 1');
+    await denied("INSERT INTO heartbeat.staging_epoch VALUES (true, gen_random_uuid(), now())");
+    await denied('SELECT heartbeat.set_staging_parts(2)');
+    await denied('SELECT heartbeat.apply_privileges()');
+    await denied('SELECT heartbeat.retry_dead_letters()');
+    await denied('SELECT * FROM heartbeat.merge_part(0, $1, 10, NULL, now())', ['agent_connection_staging_p0']);
+    await denied('SET ROLE heartbeat_definer');
     await denied('TRUNCATE heartbeat.agent_connection_staging');
     await denied('UPDATE heartbeat.merge_state SET merges_total = 0');
     await denied('CREATE TABLE heartbeat.evil (x int)');
@@ -82,12 +90,19 @@ describe('heartbeat_writer', () => {
     const { rows } = await db.pool.query(`
       SELECT p.proname, p.prosecdef, p.proconfig
         FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-       WHERE n.nspname = 'heartbeat' AND p.proname IN ('merge_agent_connections', 'disconnect_agent')
+       WHERE n.nspname = 'heartbeat' AND p.prosecdef
        ORDER BY 1`);
-    assert.equal(rows.length, 2);
+    assert.deepEqual(rows.map((r) => r.proname), [
+      'agent_status', 'disconnect_agent', 'disconnect_replica', 'merge_agent_connections', 'merge_staging_part', 'staging_epoch',
+    ]);
     for (const r of rows) {
-      assert.equal(r.prosecdef, true, r.proname);
       assert.ok((r.proconfig as string[]).includes('search_path=pg_catalog, pg_temp'), `${r.proname}: ${r.proconfig}`);
     }
+    const owners = await db.pool.query(`
+      SELECT DISTINCT pg_get_userbyid(p.proowner) AS owner, r.rolsuper, r.rolcanlogin, r.rolcreaterole, r.rolbypassrls
+        FROM pg_proc p JOIN pg_roles r ON r.oid = p.proowner
+       WHERE p.pronamespace = 'heartbeat'::regnamespace AND p.prosecdef`);
+    assert.deepEqual(owners.rows, [{ owner: 'heartbeat_definer', rolsuper: false, rolcanlogin: false, rolcreaterole: false, rolbypassrls: false }],
+      'every SECURITY DEFINER function runs as the unprivileged heartbeat_definer');
   });
 });

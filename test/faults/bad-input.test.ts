@@ -73,17 +73,22 @@ describe('bad input to the stager', () => {
     for (const id of [good1!, good2!, upper!, braced!]) assert.deepEqual((await agentRow(db.pool, id)).updated_at, now);
   });
 
-  test('timestamps before 1970 (from 1900 on) are accepted and round-trip exactly', async () => {
-    const [old] = await createAgents(db.pool, 1, new Date('1900-01-01T00:00:00Z'));
+  test('timestamps before 1970 are rejected by stage() with the field named, and skipped as invalid by the database', async () => {
+    const [old] = await createAgents(db.pool, 1, new Date('2020-01-01T00:00:00Z'));
     const stager = newStager();
-    const first = new Date('1900-01-01T00:00:00.001Z');
-    const last = new Date('1969-12-31T23:59:59.999Z');
-    const updated = new Date('1950-06-15T12:34:56.789Z');
-    stager.stage({ agentId: old!, firstConnectedAt: first, lastConnectedAt: last, updatedAt: updated });
+    rejects(stager, { agentId: old!, firstConnectedAt: new Date('1969-12-31T23:59:59.999Z'), updatedAt: new Date() }, 'firstConnectedAt');
+    rejects(stager, { agentId: old!, updatedAt: new Date('1900-01-01T00:00:00Z') }, 'updatedAt');
+    const epoch = new Date('1970-01-01T00:00:00.000Z');
+    stager.stage({ agentId: old!, firstConnectedAt: epoch, lastConnectedAt: epoch, updatedAt: new Date('2021-01-01T00:00:00Z') });
     await stager.close();
-    await mergeNow(db.pool);
+    await db.pool.query(
+      "INSERT INTO heartbeat.agent_connection_staging (agent_id, last_connected_at, updated_at) VALUES ($1, '1969-07-20T20:17:40Z', now())",
+      [old],
+    );
+    const merged = await mergeNow(db.pool);
+    assert.equal(merged.skippedInvalid, 1, 'the row written around the client is skipped');
     const row = await agentRow(db.pool, old!);
-    assert.deepEqual([row.first_connected_at, row.last_connected_at, row.updated_at], [first, last, updated]);
+    assert.deepEqual([row.first_connected_at, row.last_connected_at], [epoch, epoch], 'the valid update landed, exactly');
   });
 
   test('the future: the client rejects beyond maxClockSkewMs; the database skips beyond heartbeat.clock_horizon()', async () => {
@@ -175,14 +180,15 @@ describe('bad input on the SQL side', () => {
               (NULL, NULL, NULL, NULL, NULL, NULL),                         -- all NULL
               ($1, NULL, NULL, NULL, NULL, now() + interval '1 day'),       -- far future
               ($1, NULL, NULL, NULL, NULL, 'infinity'),                     -- infinity
-              ($2, NULL, NULL, NULL, NULL, '-infinity'),                    -- older than anything: stale
+              ($2, NULL, NULL, NULL, NULL, '-infinity'),                    -- not a finite time
               ($4, $3, $3, NULL, NULL, $3)                                  -- unknown agent`,
       [good, dup, t, randomUUID()],
     );
     const merged = await mergeNow(db.pool);
+    const { rowsConsumed, agentsUpdated, skippedStale, skippedUnknown, skippedInvalid, deferredLocked, deadLettered, skippedConcurrent } = merged;
     assert.deepEqual(
-      { ...merged },
-      { rowsConsumed: 10, agentsUpdated: 2, skippedStale: 0, skippedUnknown: 1, skippedInvalid: 5, deferredLocked: 0, skippedConcurrent: false },
+      { rowsConsumed, agentsUpdated, skippedStale, skippedUnknown, skippedInvalid, deferredLocked, deadLettered, skippedConcurrent },
+      { rowsConsumed: 10, agentsUpdated: 2, skippedStale: 0, skippedUnknown: 1, skippedInvalid: 6, deferredLocked: 0, deadLettered: 0, skippedConcurrent: false },
     );
     assert.deepEqual((await agentRow(db.pool, good!)).updated_at, t);
     assert.deepEqual((await agentRow(db.pool, dup!)).updated_at, t);
