@@ -49,6 +49,12 @@ export interface StagerOptions {
    * Default true. Costs up to one more snapshot per agent in memory.
    */
   resendAfterReset?: boolean;
+  /**
+   * How often, at most, the stager reads the staging epoch to release what merges
+   * consumed and to notice a reset while it has nothing to COPY (it always checks
+   * on a connection it has not used before). Default 15,000 ms: one small query.
+   */
+  resendCheckIntervalMs?: number;
   /** Where failures and recoveries are reported. Default: warnings and errors to stderr. */
   logger?: Logger;
   /** Called with every background failure (after logging). Errors it throws are logged, never rethrown. */
@@ -105,8 +111,6 @@ const DISCONNECT_REPLICA_SQL = 'SELECT heartbeat.disconnect_replica($1::uuid, $2
 const EPOCH_SQL =
   'SELECT epoch::text AS epoch, (extract(epoch FROM drained_through) * 1000000)::int8::text AS drained_us, ' +
   '(extract(epoch FROM checked_at) * 1000000)::int8::text AS checked_us FROM heartbeat.staging_epoch()';
-/** How often kept updates are checked against the merges' progress (and staging for a reset) when idle. */
-const PROGRESS_CHECK_MS = 15_000;
 
 const iso = (ms: number): string | null => (Number.isNaN(ms) ? null : new Date(ms).toISOString());
 const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
@@ -134,6 +138,7 @@ export class HeartbeatStager {
   readonly #queryTimeoutMs: number;
   readonly #closeTimeoutMs: number;
   readonly #maxClockSkewMs: number;
+  readonly #resendCheckIntervalMs: number;
   /** Aborted when close() gives up: every operation in flight is cut off, nothing queued runs. */
   readonly #abort = new AbortController();
 
@@ -168,6 +173,7 @@ export class HeartbeatStager {
     this.#queryTimeoutMs = durationOption(options.queryTimeoutMs, 'queryTimeoutMs', 30_000);
     this.#closeTimeoutMs = durationOption(options.closeTimeoutMs, 'closeTimeoutMs', 15_000);
     this.#maxClockSkewMs = durationOption(options.maxClockSkewMs, 'maxClockSkewMs', 300_000);
+    this.#resendCheckIntervalMs = durationOption(options.resendCheckIntervalMs, 'resendCheckIntervalMs', 15_000);
     this.#retained = options.resendAfterReset === false ? null : new Retained();
     const { pool, owned } = resolvePool(connection, this.#logger, 'pg-heartbeat stager');
     this.#pool = pool;
@@ -334,7 +340,7 @@ export class HeartbeatStager {
     if (this.#closed) return;
     let work: Promise<void>;
     if (this.#pending.size > 0) work = this.#runFlush();
-    else if (this.#retained && this.#retained.size > 0 && this.#retained.checkDue(PROGRESS_CHECK_MS)) work = this.#checkProgress();
+    else if (this.#retained && this.#retained.size > 0 && this.#retained.checkDue(this.#resendCheckIntervalMs)) work = this.#checkProgress();
     else {
       this.#schedule(this.#flushIntervalMs);
       return;
@@ -468,13 +474,13 @@ export class HeartbeatStager {
 
   /**
    * On a connection not seen before (a crash or a failover always means new
-   * connections), and every PROGRESS_CHECK_MS: reads the staging epoch. A new
+   * connections), and every resendCheckIntervalMs: reads the staging epoch. A new
    * epoch means staging was reset; otherwise kept updates that every part's
    * merges have consumed since are released.
    */
   async #checkEpoch(client: pg.ClientBase): Promise<'same' | 'reset'> {
     const retained = this.#retained!;
-    if (retained.knows(client) && !retained.checkDue(PROGRESS_CHECK_MS)) return 'same';
+    if (retained.knows(client) && !retained.checkDue(this.#resendCheckIntervalMs)) return 'same';
     const sent = performance.now();
     const { rows } = await client.query<{ epoch: string; drained_us: string | null; checked_us: string }>(EPOCH_SQL);
     const row = rows[0]!;

@@ -52,6 +52,8 @@ export interface FreezeProxy {
   thaw(): void;
   /** Aborts every existing connection with a TCP RST towards the client (and closes its upstream side). */
   reset(): void;
+  /** Sends connections made from now on to another port (a failover that moved the address); existing ones stay as they are. */
+  retarget(port: number): void;
   /** Client connections currently open through the proxy (frozen or not). */
   readonly connections: number;
   /** Of those, how many are frozen. */
@@ -77,6 +79,7 @@ interface Pair {
 
 export async function startFreezeProxy(targetPort: number, targetHost = '127.0.0.1'): Promise<FreezeProxy> {
   const pairs = new Set<Pair>();
+  let target = targetPort;
   let blackhole = false;
   let accepted = 0;
   let closed = false;
@@ -115,7 +118,7 @@ export async function startFreezeProxy(targetPort: number, targetHost = '127.0.0
   };
 
   const connectUpstream = (pair: Pair): void => {
-    const upstream = connect({ host: targetHost, port: targetPort, allowHalfOpen: true });
+    const upstream = connect({ host: targetHost, port: target, allowHalfOpen: true });
     upstream.setNoDelay(true);
     pair.upstream = upstream;
     wire(pair, 'upstream', upstream);
@@ -193,6 +196,9 @@ export async function startFreezeProxy(targetPort: number, targetHost = '127.0.0
         pair.client.resetAndDestroy();
         pair.upstream?.destroy();
       }
+    },
+    retarget(port: number): void {
+      target = port;
     },
     get connections(): number {
       return pairs.size;
