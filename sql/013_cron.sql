@@ -45,6 +45,7 @@ AS $loop$
 DECLARE
     step        pg_catalog.float8;
     deadline    pg_catalog.float8;   -- epoch seconds: no merge starts at or after it
+    drain_until pg_catalog.float8;   -- a draining merge stops merging again at this time
     started     pg_catalog.float8;
     slot        pg_catalog.float8;   -- the grid instant of the merge to run next
     gen         pg_catalog.int8;
@@ -68,6 +69,8 @@ BEGIN
         WHEN run_for IS NULL THEN pg_catalog.date_part('epoch',
                  pg_catalog.date_trunc('minute', pg_catalog.clock_timestamp()) OPERATOR(pg_catalog.+) pg_catalog.interval '1 minute')
         ELSE started OPERATOR(pg_catalog.+) pg_catalog.date_part('epoch', run_for) END;
+    -- one draining merge (run_for 0) may take up to one interval; in the loop, up to the end of the run
+    drain_until := GREATEST(deadline, started OPERATOR(pg_catalog.+) step);
     SELECT s.generation INTO gen FROM heartbeat.cron_state s;
     -- the latest grid instant not after now: run it at once unless a merge started since
     slot := pg_catalog.floor(started OPERATOR(pg_catalog./) step) OPERATOR(pg_catalog.*) step;
@@ -99,7 +102,7 @@ BEGIN
             END;
             COMMIT;
             EXIT WHEN r IS NULL OR NOT r.more
-                 OR pg_catalog.date_part('epoch', pg_catalog.clock_timestamp()) OPERATOR(pg_catalog.>=) deadline;
+                 OR pg_catalog.date_part('epoch', pg_catalog.clock_timestamp()) OPERATOR(pg_catalog.>=) drain_until;
         END LOOP;
         EXIT WHEN run_for OPERATOR(pg_catalog.=) pg_catalog.interval '0';
         slot := slot OPERATOR(pg_catalog.+) step;

@@ -69,7 +69,7 @@ async function killWhenActive(prefix: string, until: () => boolean): Promise<boo
 describe('interrupted COPY and merge', () => {
   test('a COPY killed mid-stream rolls back whole; the retry lands every row once', async () => {
     const stager = new HeartbeatStager({ connectionString: db.url, max: 1 }, {
-      flushIntervalMs: 3_600_000, maxBatchSize: 10 * N, logger: silentLogger,
+      flushIntervalMs: 3_600_000, maxBatchSize: 10 * N, maxRowsPerCopy: N, logger: silentLogger,
     });
     try {
       let round = 0;
@@ -155,8 +155,9 @@ describe('interrupted COPY and merge', () => {
     let killedMidMerge = false;
     try {
       let done = false;
-      const merged = mergeNow(victim).then(() => null, (e: unknown) => e).finally(() => (done = true));
-      const killed = await killWhenActive('SELECT * FROM heartbeat.merge_agent_connections', () => done);
+      // one statement for the whole backlog, so that killing it leaves everything staged
+      const merged = mergeNow(victim, { maxRows: N }).then(() => null, (e: unknown) => e).finally(() => (done = true));
+      const killed = await killWhenActive('SELECT rows_consumed', () => done);
       const err = await merged;
       if (killed && err !== null) {
         killedMidMerge = true;
@@ -167,7 +168,7 @@ describe('interrupted COPY and merge', () => {
     } finally {
       await victim.end();
     }
-    const merged = await mergeNow(db.pool);
+    const merged = await mergeNow(db.pool, { maxRows: N });
     assert.equal(await countAt(200), N, 'every agent landed once');
     assert.equal(merged.rowsConsumed, killedMidMerge ? N : 0);
     if (!killedMidMerge) assert.fail('the merge finished before it could be killed (too fast for this check)');
