@@ -10,7 +10,7 @@ import type pg from 'pg';
 import { resolvePool, type ConnectionOptions } from './connection.ts';
 import { toHeartbeatError, type HeartbeatError } from './errors.ts';
 import { checkTimingInvariant, type TimingOptions } from './invariant.ts';
-import { consoleLogger, type Logger } from './logger.ts';
+import { toLogger, type Logger } from './logger.ts';
 import { mergeNow, type MergeResult } from './merge.ts';
 
 export interface MergerOptions extends Omit<TimingOptions, 'mergeIntervalMs'> {
@@ -63,7 +63,7 @@ export function startMerger(connection: ConnectionOptions, options: MergerOption
   const jitter = options.jitter ?? DEFAULT_JITTER;
   if (!Number.isFinite(intervalMs) || intervalMs <= 0) throw new RangeError('startMerger: intervalMs must be a positive number');
   if (!Number.isFinite(jitter) || jitter < 0 || jitter >= 1) throw new RangeError('startMerger: jitter must be in [0, 1)');
-  const logger = options.logger ?? consoleLogger;
+  const logger = toLogger(options.logger);
   const timing = checkTimingInvariant({
     heartbeatIntervalMs: options.heartbeatIntervalMs,
     flushIntervalMs: options.flushIntervalMs,

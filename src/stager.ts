@@ -5,7 +5,7 @@ import { from as copyFrom } from 'pg-copy-streams';
 import { type ConnectionOptions, resolvePool, withClient } from './connection.ts';
 import { encodeCopy } from './copy-encoder.ts';
 import { ClosedError, type HeartbeatError, TimeoutError, toHeartbeatError } from './errors.ts';
-import { consoleLogger, type Logger } from './logger.ts';
+import { toLogger, type Logger } from './logger.ts';
 import { type AgentDisconnect, type AgentUpdate, checkDisconnect, combine, earliest, type Snapshot, toSnapshot } from './update.ts';
 
 export interface StagerOptions {
@@ -119,7 +119,7 @@ export class HeartbeatStager {
   };
 
   constructor(connection: ConnectionOptions, options: StagerOptions = {}) {
-    this.#logger = options.logger ?? consoleLogger;
+    this.#logger = toLogger(options.logger);
     this.#onError = options.onError;
     this.#onFlush = options.onFlush;
     this.#flushIntervalMs = positive(options.flushIntervalMs ?? 2000, 'flushIntervalMs');

@@ -6,7 +6,7 @@ import type { MergeResult } from './merge.ts';
 import type pg from 'pg';
 import { resolvePool, type ConnectionOptions } from './connection.ts';
 import { toHeartbeatError } from './errors.ts';
-import { consoleLogger, type Logger } from './logger.ts';
+import { toLogger, type Logger } from './logger.ts';
 import { findMergeJob } from './schedule.ts';
 
 /** One reading of heartbeat.status; durations in milliseconds, instants on the database clock. */
@@ -66,7 +66,7 @@ const STATUS_SQL = `SELECT checked_at, staged_rows, oldest_staged_at, ${ms('merg
  * that fails).
  */
 export async function readStatus(connection: ConnectionOptions, options: { logger?: Logger } = {}): Promise<MergeStatus> {
-  const logger = options.logger ?? consoleLogger;
+  const logger = toLogger(options.logger);
   const { pool, owned } = resolvePool(connection, logger, 'pg-heartbeat status');
   try {
     const { rows } = await pool.query<StatusRow>(STATUS_SQL);
