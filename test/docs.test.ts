@@ -69,23 +69,28 @@ function links(page: string): [number, string][] {
   return out;
 }
 
+/** The broken relative links of a page (path relative to the repository), as "page:line: target (why)". */
+function brokenLinks(page: string): string[] {
+  const broken: string[] = [];
+  for (const [line, target] of links(page)) {
+    const [path, anchor] = target.split('#') as [string, string | undefined];
+    const file = path ? resolve(ROOT, dirname(page), decodeURIComponent(path)) : join(ROOT, page);
+    if (!existsSync(file)) {
+      broken.push(`${page}:${line}: ${target} (no such file)`);
+      continue;
+    }
+    if (anchor !== undefined) {
+      if (!file.endsWith('.md')) broken.push(`${page}:${line}: ${target} (anchor into a non-Markdown file)`);
+      else if (!anchors(file).has(anchor)) broken.push(`${page}:${line}: ${target} (no heading #${anchor} in ${relative(ROOT, file)})`);
+    }
+  }
+  return broken;
+}
+
 describe('links', () => {
   for (const page of PAGES) {
     test(`${page}: every relative link and anchor resolves`, () => {
-      const broken: string[] = [];
-      for (const [line, target] of links(page)) {
-        const [path, anchor] = target.split('#') as [string, string | undefined];
-        const file = path ? resolve(ROOT, dirname(page), decodeURIComponent(path)) : join(ROOT, page);
-        if (!existsSync(file)) {
-          broken.push(`${page}:${line}: ${target} (no such file)`);
-          continue;
-        }
-        if (anchor !== undefined) {
-          if (!file.endsWith('.md')) broken.push(`${page}:${line}: ${target} (anchor into a non-Markdown file)`);
-          else if (!anchors(file).has(anchor)) broken.push(`${page}:${line}: ${target} (no heading #${anchor} in ${relative(ROOT, file)})`);
-        }
-      }
-      assert.deepEqual(broken, []);
+      assert.deepEqual(brokenLinks(page), []);
     });
   }
 
@@ -105,6 +110,18 @@ describe('links', () => {
     try {
       writeFileSync(join(dir, 'a.md'), '# Title `x`\n\n## Same\n\n## Same\n');
       assert.deepEqual([...anchors(join(dir, 'a.md'))], ['title-x', 'same', 'same-1']);
+      const page = relative(ROOT, join(dir, 'b.md'));
+      writeFileSync(join(dir, 'b.md'), [
+        '[fine](a.md#same-1) [fine too](../README.md) [web](https://example.org/x) `[code](nowhere.md)`',
+        '[gone](nowhere.md)',
+        '[no anchor](a.md#missing) [self](#nothing-here)',
+        '```', '[in a block](ignored.md)', '```',
+      ].join('\n'));
+      assert.deepEqual(brokenLinks(page).map((b) => b.replace(/^.*?:(\d+): /, '$1: ')), [
+        '2: nowhere.md (no such file)',
+        `3: a.md#missing (no heading #missing in ${relative(ROOT, join(dir, 'a.md'))})`,
+        `3: #nothing-here (no heading #nothing-here in ${page})`,
+      ]);
       assert.equal(slug('Is the merge keeping up? `heartbeat.status`'), 'is-the-merge-keeping-up-heartbeatstatus');
       assert.equal(slug('PostgreSQL 14–18'), 'postgresql-1418');
     } finally {
