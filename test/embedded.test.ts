@@ -133,6 +133,7 @@ describe('embedded PostgreSQL from a checkout under a private (0700) directory',
     const embedded = (await import(pathToFileURL(join(top, 'src', 'embedded.ts')).href)) as typeof import('../src/embedded.ts');
     await assert.rejects(embedded.startEmbeddedPostgres(), (err: Error) => {
       assert.equal(err.name, 'EmbeddedPostgresError');
+      assert.equal((err as Error & { code: string }).code, 'EMBEDDED_POSTGRES_UNAVAILABLE');
       assert.doesNotMatch(err.message, /\n/);
       assert.match(err.message, /set DATABASE_URL .*npm ci/);
       return true;
