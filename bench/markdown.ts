@@ -1,6 +1,6 @@
 /**
  * `node --import tsx bench/markdown.ts bench/results/<date>-*.json`: the
- * results as a Markdown table (for the README's "Benchmark" section).
+ * results as a Markdown table (for docs/benchmark.md).
  */
 import { readFileSync } from 'node:fs';
 import type { PhaseResult } from './phase.ts';

@@ -1,6 +1,6 @@
 /**
- * `npm run bench [-- options]` (also `pg-heartbeat bench`): the write
- * reduction measured side by side. See the README, "Benchmark".
+ * `npm run bench [-- options]`: the write
+ * reduction measured side by side. See docs/benchmark.md.
  */
 import { randomUUID } from 'node:crypto';
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';

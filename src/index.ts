@@ -8,7 +8,17 @@ export { readStatus, agentStatus, type MergeStatus, type PartStatus, type AgentS
 export { assertSessionConnection, TransactionPoolerError } from './pooler.ts';
 export type { ConnectionOptions } from './connection.ts';
 export type { AgentDisconnect, AgentUpdate } from './update.ts';
-export { consoleLogger, silentLogger, type Logger } from './logger.ts';
+export {
+  consoleLogger,
+  silentLogger,
+  toLogger,
+  pinoLogger,
+  winstonLogger,
+  serializeError,
+  type Logger,
+  type ObjectFirstLogger,
+  type MessageFirstLogger,
+} from './logger.ts';
 export {
   ClosedError,
   ConnectionError,

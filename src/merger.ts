@@ -17,7 +17,7 @@ import type pg from 'pg';
 import { endPool, resolvePool, withClient, type ConnectionOptions } from './connection.ts';
 import { toHeartbeatError, type HeartbeatError } from './errors.ts';
 import { checkTimingInvariant, type TimingOptions } from './invariant.ts';
-import { consoleLogger, type Logger } from './logger.ts';
+import { toLogger, type Logger } from './logger.ts';
 import { addMergeResults, emptyMergeResult, mergeStatement, type MergeResult } from './merge.ts';
 import { countOption, durationOption, fractionOption, functionOption } from './options.ts';
 import { callHook, safeLogger } from './safe-logger.ts';
@@ -99,7 +99,7 @@ const DEFAULT_JITTER = 0.1;
 export function startMerger(connection: ConnectionOptions, options: MergerOptions = {}): Merger {
   const intervalMs = durationOption(options.intervalMs, 'intervalMs', DEFAULT_INTERVAL_MS);
   const jitter = fractionOption(options.jitter, 'jitter', DEFAULT_JITTER);
-  const logger = safeLogger(options.logger ?? consoleLogger);
+  const logger = safeLogger(toLogger(options.logger));
   const timing = checkTimingInvariant({
     heartbeatIntervalMs: options.heartbeatIntervalMs,
     flushIntervalMs: options.flushIntervalMs,

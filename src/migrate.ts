@@ -3,7 +3,8 @@ import { runner } from 'node-pg-migrate';
 import pg from 'pg';
 import type { ConnectionOptions } from './connection.ts';
 import { HeartbeatError, toHeartbeatError } from './errors.ts';
-import { consoleLogger, type Logger } from './logger.ts';
+import { safeLogger } from './safe-logger.ts';
+import { toLogger, type Logger } from './logger.ts';
 import { setStagingDurability } from './durability.ts';
 import { PACKAGE_ROOT } from './paths.ts';
 import { assertSessionConnection } from './pooler.ts';
@@ -34,7 +35,7 @@ export interface MigrateOptions {
  * Resolves to the names of the migrations it ran.
  */
 export async function migrate(connection: ConnectionOptions, options: MigrateOptions = {}): Promise<string[]> {
-  const logger = options.logger ?? consoleLogger;
+  const logger = safeLogger(toLogger(options.logger));
   const client =
     'pool' in connection ? await connection.pool.connect() : new pg.Client({ connectionString: connection.connectionString });
   const owned = !('pool' in connection);

@@ -10,7 +10,8 @@
 import pg from 'pg';
 import { deadline, destroyClient, POOL_DEFAULTS, resolvePool, withClient, type ConnectionOptions } from './connection.ts';
 import { toHeartbeatError } from './errors.ts';
-import { consoleLogger, type Logger } from './logger.ts';
+import { safeLogger } from './safe-logger.ts';
+import { toLogger, type Logger } from './logger.ts';
 
 /** The pg_cron job that runs the merge. */
 export interface MergeJob {
@@ -102,7 +103,7 @@ async function describeJob(pool: pg.Pool, every: string): Promise<JobRow> {
  * postgresql.conf lines when pg_cron is not loaded.
  */
 export async function scheduleMerge(connection: ConnectionOptions, options: ScheduleOptions = {}): Promise<MergeJob> {
-  const logger = options.logger ?? consoleLogger;
+  const logger = safeLogger(toLogger(options.logger));
   const every = options.every ?? '5 seconds';
   const { pool, owned } = resolvePool(connection, logger, 'pg-heartbeat schedule');
   try {
@@ -128,7 +129,7 @@ export async function scheduleMerge(connection: ConnectionOptions, options: Sche
 
 /** Removes the merge job from pg_cron; resolves to whether there was one. */
 export async function unscheduleMerge(connection: ConnectionOptions, options: { logger?: Logger } = {}): Promise<boolean> {
-  const logger = options.logger ?? consoleLogger;
+  const logger = safeLogger(toLogger(options.logger));
   const { pool, owned } = resolvePool(connection, logger, 'pg-heartbeat unschedule');
   try {
     let row: JobRow;

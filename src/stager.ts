@@ -5,7 +5,7 @@ import { from as copyFrom } from 'pg-copy-streams';
 import { type ConnectionOptions, endPool, resolvePool, withClient } from './connection.ts';
 import { encodeCopy } from './copy-encoder.ts';
 import { ClosedError, type HeartbeatError, toHeartbeatError } from './errors.ts';
-import { consoleLogger, type Logger } from './logger.ts';
+import { toLogger, type Logger } from './logger.ts';
 import { countOption, durationOption, functionOption } from './options.ts';
 import { Retained } from './retained.ts';
 import { callHook, safeLogger } from './safe-logger.ts';
@@ -162,7 +162,7 @@ export class HeartbeatStager {
 
   constructor(connection: ConnectionOptions, options: StagerOptions = {}) {
     if (options === null || typeof options !== 'object') throw new TypeError('pg-heartbeat: HeartbeatStager options must be an object');
-    this.#logger = safeLogger(options.logger ?? consoleLogger);
+    this.#logger = safeLogger(toLogger(options.logger));
     this.#onError = functionOption(options.onError, 'onError');
     this.#onFlush = functionOption(options.onFlush, 'onFlush');
     this.#flushIntervalMs = durationOption(options.flushIntervalMs, 'flushIntervalMs', 2000);

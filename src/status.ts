@@ -9,7 +9,7 @@
 import type pg from 'pg';
 import { type ConnectionOptions, endPool, resolvePool, withClient } from './connection.ts';
 import { toHeartbeatError } from './errors.ts';
-import { consoleLogger, type Logger } from './logger.ts';
+import { consoleLogger, toLogger, type Logger } from './logger.ts';
 import type { MergeResult } from './merge.ts';
 import { durationOption } from './options.ts';
 import { safeLogger } from './safe-logger.ts';
@@ -113,7 +113,7 @@ export async function readStatus(
   connection: ConnectionOptions,
   options: { logger?: Logger; timeoutMs?: number } = {},
 ): Promise<MergeStatus> {
-  const logger = safeLogger(options.logger ?? consoleLogger);
+  const logger = safeLogger(toLogger(options.logger));
   const timeoutMs = durationOption(options.timeoutMs, 'timeoutMs', 10_000);
   const { pool, owned } = resolvePool(connection, logger, 'pg-heartbeat status', 1);
   try {

@@ -4,6 +4,7 @@
  */
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
+import { readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { after, before, describe, test } from 'node:test';
 import { freePort } from './support/cluster.ts';
@@ -16,6 +17,7 @@ interface Run { code: number | null; signal: NodeJS.Signals | null; stdout: stri
 function start(args: string[], env: Record<string, string> = {}): { child: ChildProcess; done: Promise<Run>; stdout(): string; stderr(): string } {
   const childEnv: NodeJS.ProcessEnv = { ...process.env, ...env };
   if (!('DATABASE_URL' in env)) delete childEnv.DATABASE_URL;
+  for (const v of ['PGHOST', 'PGPORT', 'PGUSER', 'PGPASSWORD', 'PGDATABASE']) if (!(v in env)) delete childEnv[v];
   const child = spawn(process.execPath, ['--import', 'tsx', 'src/cli/main.ts', ...args], { cwd: ROOT, env: childEnv, stdio: ['ignore', 'pipe', 'pipe'] });
   let stdout = '';
   let stderr = '';
@@ -75,7 +77,7 @@ describe('every database subcommand fails with one clear line', () => {
   }
 
   test('no database at all', async () => {
-    assertOneLineFailure(await cli(['status']), /no database: pass --database-url or set DATABASE_URL/, 'status without a URL');
+    assertOneLineFailure(await cli(['status']), /no database: pass --database-url, set DATABASE_URL, or set node-postgres's variables \(PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE\)/, 'status without a URL');
   });
 
   test('migrate applies everything to a bare database, then is up to date', async () => {
@@ -155,5 +157,66 @@ describe('merger', () => {
 
   test('rejects a bad --interval-ms with one line', async () => {
     assertOneLineFailure(await cli(['merger', '--interval-ms', 'soon', '--database-url', migrated.url]), /--interval-ms must be a positive whole number/, 'bad interval');
+  });
+});
+
+describe('--version, --help', () => {
+  test('--version prints package.json\'s version; --help lists the commands (no bench: it needs a source checkout)', async () => {
+    const { version } = JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { version: string };
+    for (const flag of ['--version', '-v']) {
+      const run = await cli([flag]);
+      assert.equal(run.code, 0);
+      assert.equal(run.stdout, `${version}\n`);
+    }
+    const help = await cli(['--help']);
+    assert.equal(help.code, 0);
+    for (const name of ['migrate', ...DB_COMMANDS, 'demo']) assert.match(help.stdout, new RegExp(`^  ${name} `, 'm'));
+    assert.doesNotMatch(help.stdout, /^ {2}bench /m);
+    assert.match(help.stdout, /PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE/);
+  });
+});
+
+describe('node-postgres conventions: without a URL, the PG* variables', () => {
+  /** PGHOST etc. for `url`'s database, and no DATABASE_URL. */
+  const pgEnv = (url: string): Record<string, string> => {
+    const u = new URL(url);
+    return {
+      PGHOST: u.hostname,
+      PGPORT: u.port || '5432',
+      PGUSER: decodeURIComponent(u.username),
+      PGPASSWORD: decodeURIComponent(u.password),
+      PGDATABASE: u.pathname.slice(1),
+    };
+  };
+
+  test('migrate, merge, status and unschedule connect with PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE alone', async () => {
+    const db = await createTestDb('cli_pgenv', { migrated: false });
+    try {
+      const env = pgEnv(db.url);
+      const migrated = await cli(['migrate'], env);
+      assert.equal(migrated.code, 0, migrated.stderr);
+      assert.match(migrated.stdout, /^applied \d+ migration\(s\)/);
+      const { rows } = await db.pool.query<{ n: string }>('SELECT count(*) AS n FROM heartbeat.migrations');
+      assert.ok(Number(rows[0]!.n) >= 8, 'the migrations ran in the database PGDATABASE names');
+      const [again, merge, status, unschedule] = await Promise.all([cli(['migrate'], env), cli(['merge', '--json'], env), cli(['status', '--json'], env), cli(['unschedule'], env)]);
+      assert.equal(again.stdout, 'already up to date\n');
+      assert.equal(merge.code, 0, merge.stderr);
+      assert.equal(JSON.parse(merge.stdout).rowsConsumed, 0);
+      assert.equal(status.code, 0, status.stderr);
+      assert.equal(JSON.parse(status.stdout).stagedRows, 0);
+      assert.equal(unschedule.code, 0, unschedule.stderr);
+    } finally {
+      await db.drop();
+    }
+  });
+
+  test('an unreachable PGHOST/PGPORT is one line naming where it tried', async () => {
+    const run = await cli(['status'], { ...pgEnv(unreachable), PGPASSWORD: '' });
+    assertOneLineFailure(run, /^pg-heartbeat status: cannot reach the database at postgresql:\/\/postgres@127\.0\.0\.1:\d+\/nowhere \(from the PG\* variables\): .*ECONNREFUSED/, 'status via PG* to a closed port');
+  });
+
+  test('--database-url and DATABASE_URL win over the PG* variables', async () => {
+    const run = await cli(['status', '--json'], { ...pgEnv(unreachable), DATABASE_URL: migrated.url });
+    assert.equal(run.code, 0, run.stderr);
   });
 });

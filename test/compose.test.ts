@@ -87,7 +87,7 @@ describe('docker-compose.yml', () => {
     assert.deepEqual(d.depends_on?.migrate, { condition: 'service_completed_successfully' });
     assert.equal(d.image, migrateService!.image);
     assert.equal(d.environment?.DATABASE_URL, migrateService!.environment?.DATABASE_URL);
-    assert.match(readFileSync('README.md', 'utf8'), /docker compose run --rm demo/);
+    assert.match(readFileSync('docs/docker.md', 'utf8'), /docker compose run --rm demo/);
   });
 
   test('the app image runs the package\'s CLI (the `pg-heartbeat` bin) compiled from this checkout', () => {

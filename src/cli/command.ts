@@ -1,4 +1,6 @@
 import type { ParseArgsConfig } from 'node:util';
+import pg from 'pg';
+import type { ConnectionOptions } from '../connection.ts';
 import { HeartbeatError } from '../errors.ts';
 
 /** What every subcommand gets: its parsed options and the resolved database URL (when it needs one). */
@@ -7,6 +9,11 @@ export interface CommandContext {
   positionals: string[];
   /** The database URL from --database-url or DATABASE_URL; throws a one-line error when absent or malformed. */
   databaseUrl(): string;
+  /**
+   * The database from --database-url, DATABASE_URL or, without either, node-postgres's PG* variables
+   * (PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE); throws a one-line error when there is none.
+   */
+  database(): DatabaseTarget;
   out: (line: string) => void;
 }
 
@@ -44,6 +51,47 @@ export function checkDatabaseUrl(url: string | undefined): string {
     throw new UsageError(`bad database URL: scheme ${parsed.protocol} is not postgres: or postgresql:`);
   }
   return url;
+}
+
+/** The variables node-postgres reads when it is given no connection string (as libpq does). */
+export const PG_ENV_VARS = ['PGHOST', 'PGPORT', 'PGUSER', 'PGPASSWORD', 'PGDATABASE'] as const;
+
+/** Where a command connects: a URL, or node-postgres's PG* environment variables. */
+export interface DatabaseTarget {
+  /** The URL when one was given (--database-url, DATABASE_URL). */
+  url: string | undefined;
+  /** For pg.Client / pg.Pool: the URL, or nothing (node-postgres then reads PGHOST, PGPORT, ...). */
+  config: pg.ClientConfig;
+  /** How messages name it, without a password. */
+  shown: string;
+}
+
+/** The database to use: `given` (a URL) when set, else the PG* variables of `env` when any is set, else a one-line error. */
+export function resolveDatabase(given: string | undefined, env: NodeJS.ProcessEnv = process.env): DatabaseTarget {
+  if (given) {
+    const url = checkDatabaseUrl(given);
+    return { url, config: { connectionString: url }, shown: redact(url) };
+  }
+  if (!PG_ENV_VARS.some((v) => env[v])) {
+    throw new UsageError(`no database: pass --database-url, set DATABASE_URL, or set node-postgres's variables (${PG_ENV_VARS.join(', ')})`);
+  }
+  const user = env.PGUSER || env.USER || 'postgres';
+  const shown = `postgresql://${user}@${env.PGHOST || 'localhost'}:${env.PGPORT || 5432}/${env.PGDATABASE || user} (from the PG* variables)`;
+  return { url: undefined, config: {}, shown };
+}
+
+/**
+ * Runs `fn` with a pool on `target` (ended afterwards) as `{ pool }` for the library's functions.
+ * A pool without a connection string is how node-postgres reads the PG* variables.
+ */
+export async function withPool<T>(target: DatabaseTarget, applicationName: string, fn: (connection: ConnectionOptions & { pool: pg.Pool }) => Promise<T>, max = 2): Promise<T> {
+  const pool = new pg.Pool({ ...target.config, max, application_name: applicationName, connectionTimeoutMillis: 10_000 });
+  pool.on('error', () => {});
+  try {
+    return await fn({ pool });
+  } finally {
+    await pool.end().catch(() => {});
+  }
 }
 
 /** The URL without its password, for messages. */

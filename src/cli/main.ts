@@ -1,8 +1,11 @@
 #!/usr/bin/env node
 /** The `pg-heartbeat` command line. Every failure is one line on stderr and a non-zero exit. */
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { ConnectionError, HeartbeatError, toHeartbeatError } from '../errors.ts';
-import { checkDatabaseUrl, type Command, redact } from './command.ts';
+import { PACKAGE_ROOT } from '../paths.ts';
+import { checkDatabaseUrl, type Command, type DatabaseTarget, redact, resolveDatabase } from './command.ts';
 import { commands } from './commands.ts';
 
 const COMMON = {
@@ -19,8 +22,10 @@ function usage(): string {
     ...commands.map((c) => `  ${c.name.padEnd(width)}  ${c.summary}`),
     '',
     'options for every command:',
-    '  --database-url URL  the database (default: $DATABASE_URL)',
+    '  --database-url URL  the database (default: $DATABASE_URL; without either, node-postgres\'s',
+    '                      PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE)',
     '  -h, --help          help for the command',
+    '  -v, --version       print pg-heartbeat\'s version (alone, without a command)',
   ].join('\n');
 }
 
@@ -34,8 +39,16 @@ function commandUsage(c: Command): string {
   return lines.join('\n');
 }
 
+function version(): string {
+  return (JSON.parse(readFileSync(join(PACKAGE_ROOT, 'package.json'), 'utf8')) as { version: string }).version;
+}
+
 export async function main(argv: string[]): Promise<number> {
   const name = argv[0];
+  if (name === '--version' || name === '-v' || name === 'version') {
+    console.log(version());
+    return 0;
+  }
   if (!name || name === '--help' || name === '-h' || name === 'help') {
     console.log(usage());
     return name ? 0 : 2;
@@ -56,26 +69,28 @@ export async function main(argv: string[]): Promise<number> {
     console.log(commandUsage(command));
     return 0;
   }
-  const url = parsed.values['database-url'] as string | undefined;
+  const url = (parsed.values['database-url'] as string | undefined) ?? process.env.DATABASE_URL;
+  let target: DatabaseTarget | undefined;
   try {
     const code = await command.run({
       values: parsed.values as Record<string, string | boolean | undefined>,
       positionals: parsed.positionals,
-      databaseUrl: () => checkDatabaseUrl(url ?? process.env.DATABASE_URL),
+      databaseUrl: () => checkDatabaseUrl(url),
+      database: () => (target = resolveDatabase(url)),
       out: (line) => console.log(line),
     });
     return code ?? 0;
   } catch (err) {
-    console.error(`pg-heartbeat ${name}: ${oneLine(err, url ?? process.env.DATABASE_URL)}`);
+    console.error(`pg-heartbeat ${name}: ${oneLine(err, url, target?.shown)}`);
     return 1;
   }
 }
 
-function oneLine(err: unknown, url: string | undefined): string {
+function oneLine(err: unknown, url: string | undefined, shown = url && redact(url)): string {
   const mapped = err instanceof HeartbeatError || typeof (err as { code?: unknown })?.code === 'string' ? toHeartbeatError(err, 'database') : err;
   if (mapped instanceof ConnectionError) {
     const cause = mapped.cause ?? err;
-    err = new Error(`cannot reach the database${url ? ` at ${redact(url)}` : ''}: ${describe(cause)}`);
+    err = new Error(`cannot reach the database${shown ? ` at ${shown}` : ''}: ${describe(cause)}`);
   } else err = mapped;
   let text = err instanceof Error ? err.message : String(err);
   if (!(err instanceof HeartbeatError) && err instanceof Error && err.name !== 'Error') text = `${err.name}: ${text}`;

@@ -9,7 +9,7 @@ export const mergeCommand: Command = {
   help: { json: 'print the counts as JSON' },
   options: { json: { type: 'boolean' } },
   async run(ctx) {
-    const client = new pg.Client({ connectionString: ctx.databaseUrl(), application_name: 'pg-heartbeat merge' });
+    const client = new pg.Client({ ...ctx.database().config, application_name: 'pg-heartbeat merge' });
     client.on('error', () => {});
     await client.connect();
     try {

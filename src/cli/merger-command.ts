@@ -50,8 +50,7 @@ export const mergerCommand: Command = {
       flushIntervalMs: msOption(ctx.values['flush-interval-ms'], 'flush-interval-ms', undefined),
       inactiveTimeoutMs: msOption(ctx.values['inactive-timeout-ms'], 'inactive-timeout-ms', undefined),
     };
-    const url = ctx.databaseUrl();
-    const pool = new pg.Pool({ connectionString: url, max: 1, application_name: 'pg-heartbeat merger', connectionTimeoutMillis: 10_000 });
+    const pool = new pg.Pool({ ...ctx.database().config, max: 1, application_name: 'pg-heartbeat merger', connectionTimeoutMillis: 10_000 });
     pool.on('error', () => {});
     try {
       // the first merge runs now, so a bad database fails here with one line

@@ -1,6 +1,6 @@
 import { migrate } from '../migrate.ts';
 import { consoleLogger } from '../logger.ts';
-import { type Command, UsageError } from './command.ts';
+import { type Command, UsageError, withPool } from './command.ts';
 
 export const migrateCommand: Command = {
   name: 'migrate',
@@ -16,7 +16,7 @@ export const migrateCommand: Command = {
       throw new UsageError('--durable-staging and --no-durable-staging contradict each other');
     }
     const durableStaging = ctx.values['durable-staging'] ? true : ctx.values['no-durable-staging'] ? false : undefined;
-    const ran = await migrate({ connectionString: ctx.databaseUrl() }, { logger: consoleLogger, durableStaging });
+    const ran = await withPool(ctx.database(), 'pg-heartbeat migrate', (conn) => migrate(conn, { logger: consoleLogger, durableStaging }), 1);
     ctx.out(ran.length ? `applied ${ran.length} migration(s): ${ran.join(', ')}` : 'already up to date');
     if (durableStaging !== undefined) ctx.out(`staging table is ${durableStaging ? 'LOGGED (durable)' : 'UNLOGGED'}`);
   },

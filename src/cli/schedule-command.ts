@@ -1,7 +1,7 @@
 import { checkTimingInvariant } from '../invariant.ts';
 import { consoleLogger } from '../logger.ts';
 import { scheduleMerge } from '../schedule.ts';
-import type { Command } from './command.ts';
+import { type Command, withPool } from './command.ts';
 
 /** Seconds in a simple interval such as '5 seconds', '5s' or '5'; undefined for anything else. */
 export function intervalSeconds(every: string): number | undefined {
@@ -17,7 +17,7 @@ export const scheduleCommand: Command = {
   options: { every: { type: 'string' } },
   async run(ctx) {
     const every = (ctx.values.every as string | undefined) ?? '5 seconds';
-    const job = await scheduleMerge({ connectionString: ctx.databaseUrl() }, { every, logger: consoleLogger });
+    const job = await withPool(ctx.database(), 'pg-heartbeat schedule', (conn) => scheduleMerge(conn, { every, logger: consoleLogger }));
     ctx.out(`scheduled pg_cron job ${JSON.stringify(job.jobName)} (jobid ${job.jobId}) in database ${job.cronDatabase}, running in ${job.database}: ${job.schedule}  ${job.command}`);
     if (!job.secondsSchedule) {
       ctx.out(`pg_cron ${job.pgCronVersion} has no seconds schedules: the job starts once a minute and merges every ${every} inside it (the first merge at the next full minute)`);

