@@ -41,17 +41,14 @@ SET LOCAL lock_timeout = '10s';
 -- The latest updated_at accepted: the statement's time plus the allowed clock
 -- skew. A replica with a clock far ahead could otherwise freeze a row (every
 -- later, honest snapshot would look older). Used by the merge and the
--- disconnect functions. The bound is pinned on the function, so a session
--- cannot widen it; the owner changes it with
---   ALTER FUNCTION heartbeat.clock_horizon() SET heartbeat.max_clock_skew = '10 minutes';
+-- disconnect functions. (From sql/009 on the bound is the owner's
+-- heartbeat.settings.max_clock_skew; a session cannot widen it.)
 CREATE FUNCTION heartbeat.clock_horizon() RETURNS timestamptz
 LANGUAGE sql
 STABLE
 SET search_path = pg_catalog, pg_temp
-SET heartbeat.max_clock_skew = '5 minutes'
 AS $horizon$
-    SELECT pg_catalog.statement_timestamp()
-         + pg_catalog.current_setting('heartbeat.max_clock_skew')::pg_catalog.interval
+    SELECT pg_catalog.statement_timestamp() + pg_catalog.interval '5 minutes'
 $horizon$;
 REVOKE ALL ON FUNCTION heartbeat.clock_horizon() FROM PUBLIC;
 

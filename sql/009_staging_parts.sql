@@ -30,10 +30,29 @@ CREATE TABLE heartbeat.settings (
     -- backlog drains in chunks under any statement_timeout.
     max_rows_per_merge      integer  NOT NULL DEFAULT 50000 CHECK (max_rows_per_merge > 0),
     -- dead letters kept at most (the oldest go first)
-    dead_letters_max        integer  NOT NULL DEFAULT 100000 CHECK (dead_letters_max > 0)
+    dead_letters_max        integer  NOT NULL DEFAULT 100000 CHECK (dead_letters_max > 0),
+    -- how far ahead of the database clock a timestamp may be (heartbeat.clock_horizon())
+    max_clock_skew          interval NOT NULL DEFAULT interval '5 minutes'
+                                     CHECK (max_clock_skew > interval '0' AND max_clock_skew <= interval '1 day')
 );
-INSERT INTO heartbeat.settings DEFAULT VALUES;
+-- a bound set the earlier way (ALTER FUNCTION heartbeat.clock_horizon() SET heartbeat.max_clock_skew = ...) is kept
+INSERT INTO heartbeat.settings (max_clock_skew)
+SELECT COALESCE((SELECT pg_catalog.substring(c, '^heartbeat\.max_clock_skew=(.*)$')::interval
+                   FROM pg_catalog.pg_proc p, pg_catalog.unnest(p.proconfig) AS c
+                  WHERE p.oid = 'heartbeat.clock_horizon()'::regprocedure
+                    AND c LIKE 'heartbeat.max\_clock\_skew=%'),
+                interval '5 minutes');
 REVOKE ALL ON heartbeat.settings FROM PUBLIC;
+
+-- The bound on timestamps: the statement's time plus heartbeat.settings.max_clock_skew,
+-- which only the owner may change (UPDATE heartbeat.settings SET max_clock_skew = '10 minutes').
+CREATE OR REPLACE FUNCTION heartbeat.clock_horizon() RETURNS timestamptz
+LANGUAGE sql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $horizon$
+    SELECT pg_catalog.statement_timestamp() + s.max_clock_skew FROM heartbeat.settings s
+$horizon$;
 
 -- Rebuild staging as the partitioned parent. Its rows are moved, not lost: the
 -- ACCESS EXCLUSIVE lock waits for COPYs in flight (up to lock_timeout) and holds

@@ -67,16 +67,22 @@ AS $valid$
 $valid$;
 REVOKE ALL ON FUNCTION heartbeat.valid_time(timestamptz, timestamptz) FROM PUBLIC;
 
--- Refuses to run as a superuser. Every SECURITY DEFINER function of pg-heartbeat
--- calls it first: anything that runs inside them (a trigger, a CHECK function, a
--- rule on workspace_agents) runs with their owner's rights, and that owner must
--- be the unprivileged heartbeat_definer (sql/014, docs/security.md).
-CREATE FUNCTION heartbeat.assert_unprivileged()
+-- Every SECURITY DEFINER function of pg-heartbeat calls this first. It refuses
+-- to run with the rights of a privileged role: anything that runs inside those
+-- functions (a trigger, a CHECK function, a rule on workspace_agents) runs with
+-- their owner's rights, and that owner must be the unprivileged
+-- heartbeat_definer (sql/014, docs/security.md). And it says plainly when that
+-- owner cannot do its job: public.workspace_agents missing, or its column grants
+-- missing (pg_dump treats grants made by CREATE EXTENSION as the extension's own,
+-- so a restore needs SELECT heartbeat.apply_privileges(); once).
+CREATE FUNCTION heartbeat.assert_definer()
 RETURNS void
 LANGUAGE plpgsql
 STABLE
 SET search_path = pg_catalog, pg_temp
 AS $assert$
+DECLARE
+    target regclass := pg_catalog.to_regclass('public.workspace_agents');
 BEGIN
     IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles r
                 WHERE r.rolname = CURRENT_USER
@@ -85,9 +91,20 @@ BEGIN
             USING ERRCODE = '42501',
                   HINT = 'pg-heartbeat''s SECURITY DEFINER functions must be owned by heartbeat_definer: run pg-heartbeat migrate again, or SELECT heartbeat.apply_privileges();';
     END IF;
+    IF target IS NULL THEN
+        RAISE EXCEPTION 'pg-heartbeat: public.workspace_agents does not exist'
+            USING ERRCODE = '42P01',
+                  HINT = 'Create it (sql/001_workspace_agents.sql, or your own table or view with those columns), then SELECT heartbeat.apply_privileges();';
+    END IF;
+    IF NOT pg_catalog.has_column_privilege(target, 'updated_at', 'UPDATE')
+       OR NOT pg_catalog.has_column_privilege(target, 'id', 'SELECT') THEN
+        RAISE EXCEPTION 'pg-heartbeat: % may not read and update public.workspace_agents', CURRENT_USER
+            USING ERRCODE = '42501',
+                  HINT = 'The owner of public.workspace_agents runs SELECT heartbeat.apply_privileges(); (needed once after a pg_dump restore, or after replacing the table).';
+    END IF;
 END
 $assert$;
-REVOKE ALL ON FUNCTION heartbeat.assert_unprivileged() FROM PUBLIC;
+REVOKE ALL ON FUNCTION heartbeat.assert_definer() FROM PUBLIC;
 
 -- Applies `batch` (at most one snapshot per agent) to workspace_agents, never
 -- waiting for a row lock and never failing as a whole: locked agents go back to
@@ -176,9 +193,10 @@ BEGIN
         skipped_stale := n_known - agents_updated - deferred_locked;
         RETURN;
     EXCEPTION
-        WHEN query_canceled OR admin_shutdown OR crash_shutdown OR cannot_connect_now THEN
-            RAISE;
-        WHEN OTHERS THEN
+        -- what one snapshot can cause: a value out of range (class 22), a constraint (23), a view's
+        -- check option (44), a trigger that raises (P0001); anything else (privileges, a missing
+        -- column, a timeout, a shutdown) is not the snapshot's fault: the merge fails and the rows stay
+        WHEN data_exception OR integrity_constraint_violation OR with_check_option_violation OR raise_exception THEN
             GET STACKED DIAGNOSTICS e_state = RETURNED_SQLSTATE, e_message = MESSAGE_TEXT, e_detail = PG_EXCEPTION_DETAIL;
     END;
     IF n_batch = 1 THEN
@@ -372,11 +390,12 @@ BEGIN
          USING horizon, budget;
         res.skipped_stale := n_agents - res.agents_updated - res.skipped_unknown;
     EXCEPTION
-        WHEN query_canceled OR admin_shutdown OR crash_shutdown OR cannot_connect_now THEN
-            RAISE;
-        WHEN OTHERS THEN
+        WHEN lock_not_available OR deadlock_detected OR data_exception OR integrity_constraint_violation
+             OR with_check_option_violation OR raise_exception THEN
             -- Slow path: a row is locked (lock_timeout), a deadlock, or some snapshot
-            -- cannot be applied (a constraint or trigger of the user's table). The
+            -- cannot be applied (a constraint or trigger of the user's table). Any
+            -- other error (privileges, a timeout, a shutdown) fails the merge: the
+            -- rows stay staged for the next one. The
             -- fast path's work was rolled back with its subtransaction: consume the
             -- same rows again, keep the newest snapshot per agent in memory, and
             -- apply them without waiting and without failing as a whole.
@@ -456,7 +475,7 @@ VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $prelude$
 BEGIN
-    PERFORM heartbeat.assert_unprivileged();
+    PERFORM heartbeat.assert_definer();
     IF pg_catalog.current_setting('transaction_isolation') <> 'read committed' THEN
         RAISE EXCEPTION 'the pg-heartbeat merge must run in a READ COMMITTED transaction, not %',
             pg_catalog.current_setting('transaction_isolation')
@@ -571,7 +590,7 @@ SET search_path = pg_catalog, pg_temp
 SET lock_timeout = '2s'
 AS $epoch$
 BEGIN
-    PERFORM heartbeat.assert_unprivileged();
+    PERFORM heartbeat.assert_definer();
     checked_at := pg_catalog.clock_timestamp();
     SELECT e.epoch, e.began_at INTO epoch, began_at FROM heartbeat.staging_epoch e;
     IF NOT FOUND THEN

@@ -55,7 +55,7 @@ SET search_path = pg_catalog, pg_temp
 SET lock_timeout = '2s'
 AS $disconnect$
 BEGIN
-    PERFORM heartbeat.assert_unprivileged();
+    PERFORM heartbeat.assert_definer();
     IF $1 IS NULL OR $2 IS NULL OR $3 IS NULL THEN
         RAISE EXCEPTION 'heartbeat.disconnect_agent: agent_id, disconnected_at and updated_at must not be NULL'
             USING ERRCODE = '22004';  -- null_value_not_allowed
@@ -98,7 +98,7 @@ AS $disconnect_replica$
 DECLARE
     n bigint;
 BEGIN
-    PERFORM heartbeat.assert_unprivileged();
+    PERFORM heartbeat.assert_definer();
     IF $1 IS NULL OR $2 IS NULL OR $3 IS NULL THEN
         RAISE EXCEPTION 'heartbeat.disconnect_replica: replica_id, disconnected_at and updated_at must not be NULL'
             USING ERRCODE = '22004';  -- null_value_not_allowed

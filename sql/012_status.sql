@@ -188,7 +188,8 @@ REVOKE ALL ON heartbeat.status FROM PUBLIC;
 
 -- agent_status(): comparisons instead of subtractions, so an 'infinity' or
 -- '-infinity' already in the table (or a year-294276 value from before 012)
--- gives a status for that agent instead of an error for every agent.
+-- gives a status for that agent instead of an error for every agent; a
+-- last_connected_at beyond heartbeat.clock_horizon() does not count as connected.
 CREATE OR REPLACE FUNCTION heartbeat.agent_status(
     inactive_timeout interval DEFAULT interval '30 seconds',
     agent_ids        uuid[]   DEFAULT NULL
@@ -208,7 +209,7 @@ SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $agent_status$
 BEGIN
-    PERFORM heartbeat.assert_unprivileged();
+    PERFORM heartbeat.assert_definer();
     IF $1 IS NULL OR $1 <= interval '0' THEN
         RAISE EXCEPTION 'heartbeat.agent_status: inactive_timeout must be a positive interval, not %',
             COALESCE($1::text, 'NULL')
@@ -225,6 +226,9 @@ BEGIN
                WHEN wa.last_connected_at IS NULL OR wa.disconnected_at >= wa.last_connected_at
                    THEN 'disconnected'
                WHEN wa.last_connected_at < pg_catalog.now() - $1
+                   THEN 'disconnected'
+               -- a heartbeat from the future is no evidence of life (written before 1.2, or around pg-heartbeat)
+               WHEN wa.last_connected_at > heartbeat.clock_horizon()
                    THEN 'disconnected'
                ELSE 'connected'
            END,

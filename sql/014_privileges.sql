@@ -152,19 +152,31 @@ AS $apply$
 DECLARE
     p record;
 BEGIN
+    -- nothing for PUBLIC: a function created later executable by anyone until this runs again
+    REVOKE ALL ON SCHEMA heartbeat FROM PUBLIC;
+    REVOKE ALL ON ALL FUNCTIONS IN SCHEMA heartbeat FROM PUBLIC;
+    REVOKE ALL ON ALL PROCEDURES IN SCHEMA heartbeat FROM PUBLIC;
+    REVOKE ALL ON ALL TABLES IN SCHEMA heartbeat FROM PUBLIC;
+    REVOKE ALL ON ALL SEQUENCES IN SCHEMA heartbeat FROM PUBLIC;
     GRANT USAGE ON SCHEMA heartbeat TO heartbeat_definer, heartbeat_writer, heartbeat_reader;
 
-    -- heartbeat_definer: the target columns, pg-heartbeat's own tables and helper functions
-    BEGIN
-        GRANT SELECT (id, created_at, updated_at, first_connected_at, last_connected_at, disconnected_at,
-                      last_connected_replica_id, connection_timeout_seconds),
-              UPDATE (updated_at, first_connected_at, last_connected_at, disconnected_at, last_connected_replica_id)
-           ON public.workspace_agents TO heartbeat_definer;
-    EXCEPTION WHEN insufficient_privilege THEN
-        RAISE EXCEPTION 'pg-heartbeat: % cannot grant heartbeat_definer access to public.workspace_agents: %', CURRENT_USER, SQLERRM
-            USING ERRCODE = '42501',
-                  HINT = 'Run the migrations (or CREATE EXTENSION) as the owner of public.workspace_agents or a superuser, or GRANT the columns listed in sql/014 to heartbeat_definer WITH GRANT OPTION first.';
-    END;
+    -- heartbeat_definer: the target columns, pg-heartbeat's own tables and helper functions.
+    -- The table may not exist yet: CREATE EXTENSION before the application's table (pg_dump
+    -- restores in that order, and restores these column grants with the table itself).
+    IF pg_catalog.to_regclass('public.workspace_agents') IS NULL THEN
+        RAISE NOTICE 'pg-heartbeat: public.workspace_agents does not exist yet: after creating it, run SELECT heartbeat.apply_privileges();';
+    ELSE
+        BEGIN
+            GRANT SELECT (id, created_at, updated_at, first_connected_at, last_connected_at, disconnected_at,
+                          last_connected_replica_id, connection_timeout_seconds),
+                  UPDATE (updated_at, first_connected_at, last_connected_at, disconnected_at, last_connected_replica_id)
+               ON public.workspace_agents TO heartbeat_definer;
+        EXCEPTION WHEN insufficient_privilege THEN
+            RAISE EXCEPTION 'pg-heartbeat: % cannot grant heartbeat_definer access to public.workspace_agents: %', CURRENT_USER, SQLERRM
+                USING ERRCODE = '42501',
+                      HINT = 'Run the migrations (or CREATE EXTENSION) as the owner of public.workspace_agents or a superuser, or GRANT the columns listed in sql/014 to heartbeat_definer WITH GRANT OPTION first.';
+        END;
+    END IF;
     GRANT SELECT, INSERT, DELETE ON heartbeat.agent_connection_staging TO heartbeat_definer;
     FOR p IN SELECT s.relname FROM heartbeat.staging_parts() s LOOP
         EXECUTE pg_catalog.format('GRANT SELECT, INSERT, DELETE ON heartbeat.%I TO heartbeat_definer', p.relname);
@@ -173,7 +185,7 @@ BEGIN
     GRANT SELECT, INSERT, DELETE ON heartbeat.dead_letters TO heartbeat_definer;
     GRANT SELECT ON heartbeat.settings TO heartbeat_definer;
     GRANT EXECUTE ON FUNCTION heartbeat.clock_horizon(), heartbeat.valid_time(timestamptz, timestamptz),
-                              heartbeat.assert_unprivileged(), heartbeat.apply_snapshots(heartbeat.snapshot[]),
+                              heartbeat.assert_definer(), heartbeat.apply_snapshots(heartbeat.snapshot[]),
                               heartbeat.merge_part(integer, name, integer, interval, timestamptz),
                               heartbeat.merge_prelude(integer), heartbeat.staging_parts(),
                               heartbeat.check_times(text, timestamptz[])

@@ -113,7 +113,8 @@ export function toHeartbeatError(err: unknown, doing: string): HeartbeatError {
     });
   }
   if (code === '42501') {
-    return new PermissionDeniedError(`${text} (grant the role heartbeat_writer)`, {
+    const hint = typeof (e as { hint?: unknown }).hint === 'string' ? (e as { hint: string }).hint : 'grant the role heartbeat_writer';
+    return new PermissionDeniedError(`${text} (${hint})`, {
       code: 'PERMISSION_DENIED', sqlState: code, cause: err,
     });
   }

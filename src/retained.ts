@@ -22,6 +22,20 @@ export class Retained {
   #epoch: string | null = null;
   #clients = new WeakSet<object>();
   #lastCheck = -Infinity;
+  /** The database has no heartbeat.staging_epoch() (older than 1.2): nothing is kept until it has. */
+  #unsupported = false;
+
+  get unsupported(): boolean {
+    return this.#unsupported;
+  }
+
+  /** Records that the database cannot tell resets (no staging_epoch()); drops what was kept. */
+  markUnsupported(client: object, at = performance.now()): void {
+    this.#unsupported = true;
+    this.#lastCheck = at;
+    this.#clients.add(client);
+    this.#snapshots.clear();
+  }
 
   get size(): number {
     return this.#snapshots.size;
@@ -29,6 +43,7 @@ export class Retained {
 
   /** Keeps a COPYed chunk (newest per agent, earliest first connection). */
   add(chunk: Map<string, Snapshot>, at = performance.now()): void {
+    if (this.#unsupported) return;
     for (const [agentId, snapshot] of chunk) {
       const kept = this.#snapshots.get(agentId);
       if (kept === undefined) {
@@ -71,6 +86,7 @@ export class Retained {
    * when the epoch changed (staging was reset since the last reading).
    */
   observe(client: object, epoch: string, sentAt: number, drainedUs: number | null, checkedUs: number): boolean {
+    this.#unsupported = false;
     this.#lastCheck = sentAt;
     this.#clients.add(client);
     if (this.#epoch !== null && this.#epoch !== epoch) {

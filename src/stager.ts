@@ -482,7 +482,19 @@ export class HeartbeatStager {
     const retained = this.#retained!;
     if (retained.knows(client) && !retained.checkDue(this.#resendCheckIntervalMs)) return 'same';
     const sent = performance.now();
-    const { rows } = await client.query<{ epoch: string; drained_us: string | null; checked_us: string }>(EPOCH_SQL);
+    let rows: { epoch: string; drained_us: string | null; checked_us: string }[];
+    try {
+      ({ rows } = await client.query<{ epoch: string; drained_us: string | null; checked_us: string }>(EPOCH_SQL));
+    } catch (err) {
+      // a database migrated before pg-heartbeat 1.2 (a rolling upgrade): COPY works, resends cannot
+      if ((err as { code?: unknown }).code !== '42883') throw err;
+      if (!retained.unsupported) {
+        this.#logger.warn('heartbeat.staging_epoch() is missing (the database predates pg-heartbeat 1.2): updates lost to a ' +
+          'crash or failover of PostgreSQL cannot be resent until it is migrated');
+      }
+      retained.markUnsupported(client, sent);
+      return 'same';
+    }
     const row = rows[0]!;
     const changed = retained.observe(client, row.epoch, sent, row.drained_us === null ? null : Number(row.drained_us), Number(row.checked_us));
     return changed ? 'reset' : 'same';
