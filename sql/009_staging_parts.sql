@@ -211,7 +211,8 @@ CREATE UNLOGGED TABLE heartbeat.merge_state (
     skipped_invalid     bigint      NOT NULL,
     deferred_locked     bigint      NOT NULL,
     dead_lettered       bigint      NOT NULL,
-    merges_total        bigint      NOT NULL DEFAULT 0
+    merges_total        bigint      NOT NULL DEFAULT 0,
+    merged_by           text        -- the merger that asked for it (startMerger() passes its id), if any
 );
 REVOKE ALL ON heartbeat.merge_state FROM PUBLIC;
 

@@ -253,7 +253,8 @@ CREATE FUNCTION heartbeat.merge_part(
     relname         name,
     budget          integer,
     min_interval    interval,
-    horizon         timestamptz
+    horizon         timestamptz,
+    merger          text
 ) RETURNS heartbeat.merge_result
 LANGUAGE plpgsql
 VOLATILE
@@ -276,10 +277,11 @@ BEGIN
 
     IF min_interval IS NOT NULL THEN
         -- another merger (another app replica) merged this part recently and left nothing behind
-        SELECT ms.last_merge_at, ms.drained_through INTO state
+        SELECT ms.last_merge_at, ms.drained_through, ms.merged_by INTO state
           FROM heartbeat.merge_state ms WHERE ms.part = merge_part.part;
         IF state.last_merge_at > started - min_interval
-           AND state.drained_through >= state.last_merge_at THEN
+           AND state.drained_through >= state.last_merge_at
+           AND state.merged_by IS DISTINCT FROM merger THEN
             res.parts_skipped_recent := 1;
             res.duration := pg_catalog.clock_timestamp() - started;
             RETURN res;
@@ -446,11 +448,11 @@ BEGIN
     res.duration := pg_catalog.clock_timestamp() - started;
     INSERT INTO heartbeat.merge_state AS ms
            (part, last_merge_at, last_duration, drained_through, rows_consumed, agents_updated, skipped_stale,
-            skipped_unknown, skipped_invalid, deferred_locked, dead_lettered, merges_total)
+            skipped_unknown, skipped_invalid, deferred_locked, dead_lettered, merges_total, merged_by)
     VALUES (part, started, res.duration,
             CASE WHEN NOT res.more AND res.deferred_locked = 0 THEN snap_at END,
             res.rows_consumed, res.agents_updated, res.skipped_stale, res.skipped_unknown,
-            res.skipped_invalid, res.deferred_locked, res.dead_lettered, 1)
+            res.skipped_invalid, res.deferred_locked, res.dead_lettered, 1, merger)
     ON CONFLICT ON CONSTRAINT merge_state_pkey DO UPDATE
        SET last_merge_at   = excluded.last_merge_at,
            last_duration   = excluded.last_duration,
@@ -462,11 +464,12 @@ BEGIN
            skipped_invalid = excluded.skipped_invalid,
            deferred_locked = excluded.deferred_locked,
            dead_lettered   = excluded.dead_lettered,
-           merges_total    = ms.merges_total + 1;
+           merges_total    = ms.merges_total + 1,
+           merged_by       = excluded.merged_by;
     RETURN res;
 END
 $merge_part$;
-REVOKE ALL ON FUNCTION heartbeat.merge_part(integer, name, integer, interval, timestamptz) FROM PUBLIC;
+REVOKE ALL ON FUNCTION heartbeat.merge_part(integer, name, integer, interval, timestamptz, text) FROM PUBLIC;
 
 -- Checks shared by the two entry points; returns the row budget and the horizon.
 CREATE FUNCTION heartbeat.merge_prelude(max_rows integer, OUT budget integer, OUT horizon timestamptz)
@@ -495,10 +498,13 @@ REVOKE ALL ON FUNCTION heartbeat.merge_prelude(integer) FROM PUBLIC;
 
 -- Merges every part, one after another (max_rows is shared between them).
 -- min_interval: skip the parts that another merger merged less than this long
--- ago and left empty (what startMerger() passes, so replicas do not multiply merges).
+-- ago and left empty (what startMerger() passes, so replicas do not multiply
+-- merges); merger: who is asking (startMerger() passes an id of its own), so a
+-- merger never skips a part because of its own last merge.
 CREATE FUNCTION heartbeat.merge_agent_connections(
     max_rows        integer  DEFAULT NULL,
-    min_interval    interval DEFAULT NULL
+    min_interval    interval DEFAULT NULL,
+    merger          text     DEFAULT NULL
 ) RETURNS SETOF heartbeat.merge_result
 LANGUAGE plpgsql
 VOLATILE
@@ -520,7 +526,7 @@ BEGIN
     FOR p IN SELECT * FROM heartbeat.staging_parts() LOOP
         r := heartbeat.merge_part(p.part, p.relname,
                                   GREATEST(1, pg_catalog.ceil(pre.budget::numeric / n_parts)::integer),
-                                  min_interval, pre.horizon);
+                                  min_interval, pre.horizon, merger);
         total.rows_consumed   := total.rows_consumed   + r.rows_consumed;
         total.agents_updated  := total.agents_updated  + r.agents_updated;
         total.skipped_stale   := total.skipped_stale   + r.skipped_stale;
@@ -550,7 +556,8 @@ $merge$;
 CREATE FUNCTION heartbeat.merge_staging_part(
     part            integer,
     max_rows        integer  DEFAULT NULL,
-    min_interval    interval DEFAULT NULL
+    min_interval    interval DEFAULT NULL,
+    merger          text     DEFAULT NULL
 ) RETURNS SETOF heartbeat.merge_result
 LANGUAGE plpgsql
 VOLATILE
@@ -570,7 +577,7 @@ BEGIN
         RAISE EXCEPTION 'heartbeat.merge_staging_part: staging has parts 0 to %, not %', n_parts - 1, part
             USING ERRCODE = '22023';
     END IF;
-    RETURN NEXT heartbeat.merge_part(part, part_name, pre.budget, min_interval, pre.horizon);
+    RETURN NEXT heartbeat.merge_part(part, part_name, pre.budget, min_interval, pre.horizon, merger);
 END
 $merge_one$;
 

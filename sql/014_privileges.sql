@@ -186,7 +186,7 @@ BEGIN
     GRANT SELECT ON heartbeat.settings TO heartbeat_definer;
     GRANT EXECUTE ON FUNCTION heartbeat.clock_horizon(), heartbeat.valid_time(timestamptz, timestamptz),
                               heartbeat.assert_definer(), heartbeat.apply_snapshots(heartbeat.snapshot[]),
-                              heartbeat.merge_part(integer, name, integer, interval, timestamptz),
+                              heartbeat.merge_part(integer, name, integer, interval, timestamptz, text),
                               heartbeat.merge_prelude(integer), heartbeat.staging_parts(),
                               heartbeat.check_times(text, timestamptz[])
        TO heartbeat_definer;
@@ -201,8 +201,8 @@ BEGIN
        TO heartbeat_writer, heartbeat_reader;
     -- writers write: COPY into staging, the merge, the disconnects, the staging epoch
     GRANT INSERT ON heartbeat.agent_connection_staging TO heartbeat_writer;
-    GRANT EXECUTE ON FUNCTION heartbeat.merge_agent_connections(integer, interval),
-                              heartbeat.merge_staging_part(integer, integer, interval),
+    GRANT EXECUTE ON FUNCTION heartbeat.merge_agent_connections(integer, interval, text),
+                              heartbeat.merge_staging_part(integer, integer, interval, text),
                               heartbeat.disconnect_agent(uuid, timestamptz, timestamptz, uuid, timestamptz, timestamptz),
                               heartbeat.disconnect_replica(uuid, timestamptz, timestamptz),
                               heartbeat.staging_epoch()
@@ -211,8 +211,8 @@ BEGIN
     -- every SECURITY DEFINER function to heartbeat_definer (a non-superuser owner
     -- may only hand a function to a role with CREATE on its schema: for the moment)
     GRANT CREATE ON SCHEMA heartbeat TO heartbeat_definer;
-    ALTER FUNCTION heartbeat.merge_agent_connections(integer, interval) OWNER TO heartbeat_definer;
-    ALTER FUNCTION heartbeat.merge_staging_part(integer, integer, interval) OWNER TO heartbeat_definer;
+    ALTER FUNCTION heartbeat.merge_agent_connections(integer, interval, text) OWNER TO heartbeat_definer;
+    ALTER FUNCTION heartbeat.merge_staging_part(integer, integer, interval, text) OWNER TO heartbeat_definer;
     ALTER FUNCTION heartbeat.staging_epoch() OWNER TO heartbeat_definer;
     ALTER FUNCTION heartbeat.disconnect_agent(uuid, timestamptz, timestamptz, uuid, timestamptz, timestamptz) OWNER TO heartbeat_definer;
     ALTER FUNCTION heartbeat.disconnect_replica(uuid, timestamptz, timestamptz) OWNER TO heartbeat_definer;

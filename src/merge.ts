@@ -83,8 +83,8 @@ interface MergeRow {
 const COLUMNS = `rows_consumed, agents_updated, skipped_stale, skipped_unknown, skipped_invalid, deferred_locked,
   dead_lettered, skipped_concurrent, parts, parts_merged, parts_skipped_concurrent, parts_skipped_recent, parts_more,
   more, lock_holder_pid, (extract(epoch FROM lock_busy_since) * 1000000)::int8::text AS lock_busy_since_us`;
-const ALL_SQL = `SELECT ${COLUMNS} FROM heartbeat.merge_agent_connections($1::int4, make_interval(secs => $2::float8 / 1000))`;
-const PART_SQL = `SELECT ${COLUMNS} FROM heartbeat.merge_staging_part($3::int4, $1::int4, make_interval(secs => $2::float8 / 1000))`;
+const ALL_SQL = `SELECT ${COLUMNS} FROM heartbeat.merge_agent_connections($1::int4, make_interval(secs => $2::float8 / 1000), $3::text)`;
+const PART_SQL = `SELECT ${COLUMNS} FROM heartbeat.merge_staging_part($4::int4, $1::int4, make_interval(secs => $2::float8 / 1000), $3::text)`;
 
 /** An empty result, to add calls into. */
 export function emptyMergeResult(): MergeResult {
@@ -152,10 +152,10 @@ const needsReadCommitted = new WeakSet<object>();
 export async function mergeStatement(
   client: pg.ClientBase,
   key: object,
-  args: { maxRows: number | null; minIntervalMs: number | null; part: number | null },
+  args: { maxRows: number | null; minIntervalMs: number | null; part: number | null; merger?: string | null },
 ): Promise<MergeResult> {
   const sql = args.part === null ? ALL_SQL : PART_SQL;
-  const params: unknown[] = [args.maxRows, args.minIntervalMs];
+  const params: unknown[] = [args.maxRows, args.minIntervalMs, args.merger ?? null];
   if (args.part !== null) params.push(args.part);
   if (!needsReadCommitted.has(key)) {
     try {

@@ -13,6 +13,8 @@
  * A failed merge is logged, passed to `onError` and retried on the next tick; it
  * never rejects anything, and a hook or logger that throws is contained.
  */
+import { randomUUID } from 'node:crypto';
+import { setMaxListeners } from 'node:events';
 import type pg from 'pg';
 import { endPool, resolvePool, withClient, type ConnectionOptions } from './connection.ts';
 import { toHeartbeatError, type HeartbeatError } from './errors.ts';
@@ -137,6 +139,8 @@ class MergeLoop implements Merger {
     merges: 0, skippedConcurrent: 0, skippedRecent: 0, failures: 0, consecutiveFailures: 0, rowsConsumed: 0, deadLettered: 0,
   };
   readonly #abort = new AbortController();
+  /** Who this merger is, to the database: it skips parts other mergers merged just now, never for its own merges. */
+  readonly #id = `startMerger ${randomUUID()}`;
   #timer: NodeJS.Timeout | undefined;
   #running: Promise<void> | undefined;
   #stopping: Promise<void> | undefined;
@@ -151,6 +155,7 @@ class MergeLoop implements Merger {
     private readonly logger: Logger,
     private readonly config: LoopConfig,
   ) {
+    setMaxListeners(0, this.#abort.signal); // every merge in flight listens to it
     this.#schedule();
   }
 
@@ -310,7 +315,7 @@ class MergeLoop implements Merger {
   async #statement(args: { part: number | null; minIntervalMs: number | null }): Promise<MergeResult> {
     return withClient(
       this.pool,
-      (client) => mergeStatement(client, this.pool, { maxRows: this.config.maxRows, ...args }),
+      (client) => mergeStatement(client, this.pool, { maxRows: this.config.maxRows, merger: this.#id, ...args }),
       { deadlineMs: this.config.queryTimeoutMs, what: 'merge', signal: this.#abort.signal },
     );
   }

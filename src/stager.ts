@@ -1,3 +1,4 @@
+import { setMaxListeners } from 'node:events';
 import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import pg from 'pg';
@@ -175,6 +176,7 @@ export class HeartbeatStager {
     this.#maxClockSkewMs = durationOption(options.maxClockSkewMs, 'maxClockSkewMs', 300_000);
     this.#resendCheckIntervalMs = durationOption(options.resendCheckIntervalMs, 'resendCheckIntervalMs', 15_000);
     this.#retained = options.resendAfterReset === false ? null : new Retained();
+    setMaxListeners(0, this.#abort.signal); // every operation in flight listens to it
     const { pool, owned } = resolvePool(connection, this.#logger, 'pg-heartbeat stager');
     this.#pool = pool;
     this.#ownsPool = owned;

@@ -71,7 +71,7 @@ describe(`${PAGE}: fleet.runners through a view named workspace_agents`, () => {
 
   test('pg-heartbeat migrate keeps the view (no table of its own) and checks its columns', async () => {
     const { stdout } = await runBlock(2);
-    assert.match(stdout, /^applied 8 migration\(s\)/);
+    assert.match(stdout, /^applied \d+ migration\(s\)/);
     const { rows } = await db.pool.query("SELECT relkind FROM pg_class WHERE oid = 'public.workspace_agents'::regclass");
     assert.equal(rows[0].relkind, 'v', 'still the view');
   });

@@ -233,7 +233,7 @@ describe('CREATE EXTENSION pg_heartbeat', () => {
     const members = rows.map((r) => r.member);
     for (const expected of [
       'table heartbeat.agent_connection_staging', 'table heartbeat.merge_state', 'view heartbeat.status',
-      'function heartbeat.merge_agent_connections(integer,interval)', 'function heartbeat.disconnect_replica(uuid,timestamp with time zone,timestamp with time zone)',
+      'function heartbeat.merge_agent_connections(integer,interval,text)', 'function heartbeat.disconnect_replica(uuid,timestamp with time zone,timestamp with time zone)',
       'table heartbeat.agent_connection_staging_p0', 'table heartbeat.dead_letters',
     ]) assert.ok(members.includes(expected), `${expected} in ${members.join(', ')}`);
     assert.ok(!members.some((m) => m.includes('workspace_agents')), 'workspace_agents is not a member');

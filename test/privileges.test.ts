@@ -61,7 +61,7 @@ describe('heartbeat_writer', () => {
     await denied('SELECT heartbeat.set_staging_parts(2)');
     await denied('SELECT heartbeat.apply_privileges()');
     await denied('SELECT heartbeat.retry_dead_letters()');
-    await denied('SELECT * FROM heartbeat.merge_part(0, $1, 10, NULL, now())', ['agent_connection_staging_p0']);
+    await denied('SELECT * FROM heartbeat.merge_part(0, $1, 10, NULL, now(), NULL)', ['agent_connection_staging_p0']);
     await denied('SET ROLE heartbeat_definer');
     await denied('TRUNCATE heartbeat.agent_connection_staging');
     await denied('UPDATE heartbeat.merge_state SET merges_total = 0');

@@ -20,15 +20,28 @@ import { agentRow, createAgents, createTestDb, stagedCount, withDatabase, type T
  * to the writer must be added here on purpose (and be SECURITY DEFINER-safe).
  */
 const WRITER_ROUTINES = new Set([
-  'merge_agent_connections()',
+  'merge_agent_connections(integer,interval,text)',
+  'merge_staging_part(integer,integer,interval,text)',
+  'staging_epoch()',
   'disconnect_agent(uuid,timestamp with time zone,timestamp with time zone,uuid,timestamp with time zone,timestamp with time zone)',
   'disconnect_replica(uuid,timestamp with time zone,timestamp with time zone)',
   'merge_status()',
+  'part_status()',
+  'staging_parts()',
+  'clock_horizon()',
+  'valid_time(timestamp with time zone,timestamp with time zone)',
   'agent_status(interval,uuid[])',
   'merge_loop(interval,interval)',
 ]);
-/** What heartbeat_writer may do to relations of the heartbeat and public schemas. */
-const WRITER_TABLE_PRIVILEGES = new Set(['heartbeat.agent_connection_staging:INSERT', 'heartbeat.status:SELECT']);
+/**
+ * What heartbeat_writer may do to relations of the heartbeat and public schemas: COPY into
+ * staging, and read pg-heartbeat's own tables (status runs with the caller's rights).
+ */
+const WRITER_TABLE_PRIVILEGES = new Set([
+  'heartbeat.agent_connection_staging:INSERT', 'heartbeat.agent_connection_staging:SELECT', 'heartbeat.status:SELECT',
+  'heartbeat.merge_state:SELECT', 'heartbeat.merge_skips:SELECT', 'heartbeat.staging_epoch:SELECT',
+  'heartbeat.dead_letters:SELECT', 'heartbeat.settings:SELECT', 'heartbeat.cron_state:SELECT',
+]);
 
 let db: TestDb;
 const app = `hb_app_${randomUUID().slice(0, 8)}`;
@@ -89,18 +102,19 @@ describe('a member of heartbeat_writer', () => {
       ['INSERT INTO public.workspace_agents (id, updated_at) VALUES ($1, now())', [randomUUID()]],
       ['DELETE FROM public.workspace_agents', []],
       ['TRUNCATE public.workspace_agents', []],
-      ['SELECT * FROM heartbeat.agent_connection_staging', []],
+      ['SELECT * FROM heartbeat.agent_connection_staging_p0', []],
       ['DELETE FROM heartbeat.agent_connection_staging', []],
       ['UPDATE heartbeat.agent_connection_staging SET updated_at = now()', []],
       ['TRUNCATE heartbeat.agent_connection_staging', []],
-      ['SELECT * FROM heartbeat.merge_state', []],
       ['UPDATE heartbeat.merge_state SET merges_total = 0', []],
+      ['DELETE FROM heartbeat.dead_letters', []],
+      ['UPDATE heartbeat.settings SET max_clock_skew = \'100 years\'', []],
       ['SELECT * FROM heartbeat.migrations', []],
       ['CREATE TABLE heartbeat.mine (x int)', []],
       ['CREATE FUNCTION heartbeat.mine() RETURNS int LANGUAGE sql AS $$ SELECT 1 $$', []],
       ['CREATE VIEW heartbeat.mine AS SELECT 1 AS x', []],
-      ['ALTER TABLE heartbeat.agent_connection_staging SET LOGGED', []],
-      ['ALTER FUNCTION heartbeat.merge_agent_connections() SET search_path = public', []],
+      ['ALTER TABLE heartbeat.agent_connection_staging_p0 SET LOGGED', []],
+      ['ALTER FUNCTION heartbeat.merge_agent_connections(integer, interval, text) SET search_path = public', []],
       ['DROP FUNCTION heartbeat.disconnect_agent(uuid, timestamptz, timestamptz, uuid, timestamptz, timestamptz)', []],
       ['GRANT heartbeat_writer TO postgres', []],
       ['CREATE ROLE hb_intruder LOGIN', []],
