@@ -123,7 +123,7 @@ describe('a stager frozen mid-COPY', () => {
     // the server has seen only part of the rows, and sees no more: the COPY is frozen mid-stream
     await new Promise((r) => setTimeout(r, 300));
     const stuck = await progress();
-    assert.ok(stuck && stuck.pid === mid.pid && stuck.tuples > 0 && stuck.tuples < N, 'the server-side COPY is still open, part way through');
+    assert.ok(stuck && stuck.pid === mid!.pid && stuck.tuples > 0 && stuck.tuples < N, 'the server-side COPY is still open, part way through');
     await new Promise((r) => setTimeout(r, 500));
     assert.equal((await progress())?.tuples, stuck.tuples, 'and receives nothing more');
 
@@ -146,7 +146,7 @@ describe('a stager frozen mid-COPY', () => {
     assert.ok(landedMs < QUERY_TIMEOUT + 20_000, `staged ${landedMs} ms after the freeze`);
     await drain();
     assert.equal(await atRound(ids, 1), N, 'every newest update reached workspace_agents');
-    t.diagnostic(`frozen mid-COPY at ${mid.tuples} rows: TimeoutError after ${failedAfter} ms, all ${N} rows staged ${landedMs} ms after the freeze`);
+    t.diagnostic(`frozen mid-COPY at ${mid!.tuples} rows: TimeoutError after ${failedAfter} ms, all ${N} rows staged ${landedMs} ms after the freeze`);
     console.log(`frozen COPY (200k rows, queryTimeoutMs ${QUERY_TIMEOUT}): TimeoutError after ${failedAfter} ms, every row staged ${landedMs} ms after the freeze`);
     await p.close(); // the frozen server-side COPY ends (rolled back): still nothing doubled
     await waitFor(async () => (await progress()) === undefined, 'the frozen COPY to end on the server', 10_000);
