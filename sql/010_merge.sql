@@ -298,20 +298,29 @@ BEGIN
            AND l.classid = 1751474803 AND l.objid = part::oid
            AND l.objsubid = 2
          LIMIT 1;
-        INSERT INTO heartbeat.merge_skips AS s (part, first_skip_at, last_skip_at, holder_pid)
-        VALUES (part, started, started, res.lock_holder_pid)
-        ON CONFLICT ON CONSTRAINT merge_skips_pkey DO UPDATE
-           SET first_skip_at = CASE
-                   -- a merge of this part finished since the last skip: a new episode
-                   WHEN EXISTS (SELECT 1 FROM heartbeat.merge_state ms
-                                 WHERE ms.part = s.part
-                                   AND ms.last_merge_at + ms.last_duration
-                                       > s.last_skip_at)
-                     OR s.holder_pid IS DISTINCT FROM excluded.holder_pid
-                   THEN excluded.first_skip_at ELSE s.first_skip_at END,
-               last_skip_at = excluded.last_skip_at,
-               holder_pid = excluded.holder_pid
-        RETURNING s.first_skip_at INTO res.lock_busy_since;
+        -- Record the skip, never waiting: the row of merge_skips stays locked until the end of the
+        -- transaction that wrote it (which may go on merging other parts for seconds), so only one
+        -- transaction at a time writes it (this advisory lock); the others read what it recorded.
+        IF pg_catalog.pg_try_advisory_xact_lock(1751474804, part) THEN
+            INSERT INTO heartbeat.merge_skips AS s (part, first_skip_at, last_skip_at, holder_pid)
+            VALUES (part, started, started, res.lock_holder_pid)
+            ON CONFLICT ON CONSTRAINT merge_skips_pkey DO UPDATE
+               SET first_skip_at = CASE
+                       -- a merge of this part finished since the last skip: a new episode
+                       WHEN EXISTS (SELECT 1 FROM heartbeat.merge_state ms
+                                     WHERE ms.part = s.part
+                                       AND ms.last_merge_at + ms.last_duration
+                                           > s.last_skip_at)
+                         OR s.holder_pid IS DISTINCT FROM excluded.holder_pid
+                       THEN excluded.first_skip_at ELSE s.first_skip_at END,
+                   last_skip_at = excluded.last_skip_at,
+                   holder_pid = excluded.holder_pid
+            RETURNING s.first_skip_at INTO res.lock_busy_since;
+        ELSE
+            SELECT s.first_skip_at INTO res.lock_busy_since
+              FROM heartbeat.merge_skips s
+             WHERE s.part = merge_part.part AND s.holder_pid = res.lock_holder_pid;
+        END IF;
         res.skipped_concurrent := true;
         res.parts_skipped_concurrent := 1;
         res.duration := pg_catalog.clock_timestamp() - started;

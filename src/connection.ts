@@ -66,6 +66,24 @@ export function isPool(x: unknown): x is pg.Pool {
     && typeof p.end === 'function' && typeof p.totalCount === 'number';
 }
 
+const guarded = new WeakSet<object>();
+const ignore = (): void => {};
+
+/**
+ * Gives every new client of `pool` an 'error' listener of its own. pg-pool hands a new
+ * connection out from inside the parse loop of its socket (on ReadyForQuery) and the
+ * caller of pool.connect() gets it a microtask later: an ErrorResponse in the same TCP
+ * read (pg_terminate_backend, an administrator's shutdown right after the connection
+ * was made) was emitted on a client with no listener, an uncaught exception that
+ * crashed the process. The error itself is not lost: the client is not queryable
+ * any more, so the operation that gets it fails (and is retried) as usual.
+ */
+function guardNewClients(pool: pg.Pool): void {
+  if (guarded.has(pool)) return;
+  guarded.add(pool);
+  pool.on('connect', (client: pg.PoolClient) => client.on('error', ignore));
+}
+
 /** Destroys a client's socket at once: its pending query fails, and the pool drops it on release. */
 export function destroyClient(client: pg.ClientBase): void {
   const stream = (client as unknown as { connection?: { stream?: { destroy?: (e?: Error) => void } } }).connection?.stream;
@@ -93,6 +111,7 @@ export interface DeadlineOptions {
  */
 export function withClient<T>(pool: pg.Pool, fn: (client: pg.PoolClient) => Promise<T>, options: DeadlineOptions): Promise<T> {
   const { deadlineMs, what, signal } = options;
+  guardNewClients(pool);
   return new Promise<T>((resolve, reject) => {
     let settled = false;
     let client: pg.PoolClient | undefined;

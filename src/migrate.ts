@@ -61,6 +61,7 @@ export async function migrate(connection: ConnectionOptions, options: MigrateOpt
     if (options.durableStaging !== undefined && (options.direction ?? 'up') === 'up') {
       await setStagingDurability(client, options.durableStaging);
     }
+    if ((options.direction ?? 'up') === 'up') await warnMergeHazards(client, logger);
     return ran.map((m) => m.name);
   } catch (err) {
     if (err instanceof HeartbeatError) throw err;
@@ -69,5 +70,74 @@ export async function migrate(connection: ConnectionOptions, options: MigrateOpt
     client.off('error', onError);
     if (owned) await (client as pg.Client).end().catch(() => {});
     else (client as pg.PoolClient).release();
+  }
+}
+
+/** The columns the merge (and disconnect_agent / disconnect_replica) write. */
+const MERGE_COLUMNS = ['first_connected_at', 'last_connected_at', 'last_connected_replica_id', 'disconnected_at', 'updated_at'];
+
+/**
+ * What on public.workspace_agents (or, when it is a view, on the tables under it)
+ * can make the merge's UPDATE fail for some rows: CHECK constraints, FOREIGN KEYs
+ * over the columns it writes, and user triggers that fire on such an UPDATE.
+ * One row per object: its kind, the table, its name and definition.
+ */
+const HAZARDS_SQL = `
+WITH RECURSIVE rel AS (
+    SELECT c.oid, c.relkind, 0 AS depth
+      FROM pg_catalog.pg_class c
+     WHERE c.oid = pg_catalog.to_regclass('public.workspace_agents')
+    UNION
+    -- a view: the tables (and views) its rule reads
+    SELECT d.refobjid, c2.relkind, rel.depth + 1
+      FROM rel
+      JOIN pg_catalog.pg_rewrite rw ON rw.ev_class = rel.oid
+      JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass AND d.objid = rw.oid
+                                 AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.refobjid <> rel.oid
+      JOIN pg_catalog.pg_class c2 ON c2.oid = d.refobjid AND c2.relkind IN ('r', 'p', 'v')
+     WHERE rel.relkind = 'v' AND rel.depth < 5
+), cols AS (
+    SELECT a.attrelid, a.attnum
+      FROM pg_catalog.pg_attribute a JOIN rel ON rel.oid = a.attrelid
+     WHERE a.attname = ANY ($1::text[]) OR rel.relkind <> 'r' OR rel.depth > 0
+)
+SELECT 'CHECK constraint' AS kind, co.conrelid::pg_catalog.regclass::text AS rel, co.conname::text AS name,
+       pg_catalog.pg_get_constraintdef(co.oid) AS def
+  FROM pg_catalog.pg_constraint co JOIN rel ON rel.oid = co.conrelid
+ WHERE co.contype = 'c'
+UNION ALL
+SELECT 'FOREIGN KEY', co.conrelid::pg_catalog.regclass::text, co.conname::text, pg_catalog.pg_get_constraintdef(co.oid)
+  FROM pg_catalog.pg_constraint co JOIN rel ON rel.oid = co.conrelid
+ WHERE co.contype = 'f'
+   AND (rel.depth > 0 OR EXISTS (SELECT 1 FROM cols WHERE cols.attrelid = co.conrelid AND cols.attnum = ANY (co.conkey)))
+UNION ALL
+SELECT 'trigger', t.tgrelid::pg_catalog.regclass::text, t.tgname::text, pg_catalog.pg_get_triggerdef(t.oid)
+  FROM pg_catalog.pg_trigger t JOIN rel ON rel.oid = t.tgrelid
+ WHERE NOT t.tgisinternal
+   AND t.tgenabled <> 'D'
+   AND (t.tgtype::integer & 16) <> 0       -- fires on UPDATE
+   AND (pg_catalog.cardinality(t.tgattr::smallint[]) = 0 OR rel.depth > 0
+        OR EXISTS (SELECT 1 FROM cols WHERE cols.attrelid = t.tgrelid AND cols.attnum = ANY (t.tgattr::smallint[])))
+ ORDER BY 1, 2, 3`;
+
+/**
+ * Warns (one line per object) about what on workspace_agents can make the merge
+ * fail for some rows: their snapshots go to heartbeat.dead_letters instead of
+ * being applied. Never fails the migration.
+ */
+async function warnMergeHazards(client: pg.ClientBase, logger: Logger): Promise<void> {
+  let rows: { kind: string; rel: string; name: string; def: string }[];
+  try {
+    ({ rows } = await client.query<{ kind: string; rel: string; name: string; def: string }>(HAZARDS_SQL, [MERGE_COLUMNS]));
+  } catch (err) {
+    logger.debug('could not inspect workspace_agents for constraints and triggers', { error: err });
+    return;
+  }
+  for (const r of rows) {
+    logger.warn(
+      `${r.rel} has ${r.kind} ${JSON.stringify(r.name)} (${r.def}): a staged heartbeat it rejects is not applied but moved to ` +
+        'heartbeat.dead_letters (see heartbeat.status.dead_letters; SELECT heartbeat.retry_dead_letters() after fixing the cause)',
+      { kind: r.kind, table: r.rel, name: r.name },
+    );
   }
 }

@@ -26,6 +26,10 @@
  * `query_timeout` / `connectionTimeoutMillis`, the library's own timers).
  * A kernel-level partition would need netfilter rules; this proxy does not touch them.
  *
+ * The proxy honours backpressure (it stops reading a side while the other
+ * side's socket buffer is full), so a freeze stops a stream (a COPY) where it
+ * is: the server has only what the socket buffers held.
+ *
  * thaw(): bytes that arrived while frozen are held (not dropped) and delivered
  * in order, as TCP retransmission would after a short partition; a FIN or a
  * close that happened on one side while frozen is passed on after the held
@@ -97,8 +101,19 @@ export async function startFreezeProxy(targetPort: number, targetHost = '127.0.0
   const deliver = (pair: Pair, from: Side, chunk: Buffer | null): void => {
     const to = other(pair, from);
     if (!to || to.destroyed) return;
-    if (chunk === null) to.end();
-    else to.write(chunk);
+    if (chunk === null) {
+      to.end();
+      return;
+    }
+    // backpressure, as TCP has it: stop reading the sender while the receiver's buffer is full, so a
+    // freeze stops the flow at once (not after everything already read was queued for the other side)
+    if (!to.write(chunk)) {
+      const source = from === 'client' ? pair.client : pair.upstream;
+      source?.pause();
+      to.once('drain', () => {
+        if (!pair.frozen && !pair.done) source?.resume();
+      });
+    }
   };
 
   const wire = (pair: Pair, side: Side, socket: Socket): void => {

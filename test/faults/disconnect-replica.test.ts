@@ -1,0 +1,231 @@
+/**
+ * merge vs disconnect_replica under contention. Many agents are connected
+ * through replica A; merges run in loops while disconnect_replica(A) is called
+ * again and again (two callers at once), and some agents reconnect through
+ * replica B between the calls. No merge fails (a deadlock between a merge and
+ * disconnect_replica is retried or handled), and an agent whose newer
+ * connection through B is staged but not merged yet when disconnect_replica(A)
+ * runs is never left disconnected. stager.disconnectReplica() flushes first, so
+ * the stager's own pending reconnects count as staged.
+ */
+import assert from 'node:assert/strict';
+import { randomUUID } from 'node:crypto';
+import { after, before, describe, test } from 'node:test';
+import pg from 'pg';
+import { silentLogger } from '../../src/logger.ts';
+import { mergeNow } from '../../src/merge.ts';
+import { HeartbeatStager } from '../../src/stager.ts';
+import { createAgents, createTestDb, stagedCount, type TestDb } from '../support/db.ts';
+
+let db: TestDb;
+before(async () => {
+  db = await createTestDb('fault_replica');
+});
+after(async () => {
+  await db?.drop();
+});
+
+const A = randomUUID();
+const B = randomUUID();
+const BASE = Date.now() - 3_600_000; // real recent times: disconnect_replica checks them against the clock
+const at = (s: number): Date => new Date(BASE + s * 1000);
+
+interface Row { id: string; replica: string | null; last: Date | null; disconnected: Date | null; updated: Date }
+async function rows(ids: string[]): Promise<Map<string, Row>> {
+  const { rows: r } = await db.pool.query<Row>(
+    `SELECT id, last_connected_replica_id AS replica, last_connected_at AS last, disconnected_at AS disconnected, updated_at AS updated
+       FROM public.workspace_agents WHERE id = ANY($1::uuid[])`, [ids],
+  );
+  return new Map(r.map((x) => [x.id, x]));
+}
+const connected = (r: Row): boolean => r.last !== null && (r.disconnected === null || r.disconnected < r.last);
+
+async function deadlocks(): Promise<number> {
+  const { rows: r } = await db.pool.query<{ n: string }>('SELECT deadlocks AS n FROM pg_stat_database WHERE datname = current_database()');
+  return Number(r[0]!.n);
+}
+
+async function waitForLockWait(app: string): Promise<void> {
+  for (let i = 0; i < 400; i++) {
+    const { rows: r } = await db.pool.query(`SELECT 1 FROM pg_stat_activity WHERE application_name = $1 AND wait_event_type = 'Lock'`, [app]);
+    if (r.length) return;
+    await new Promise((res) => setTimeout(res, 25));
+  }
+  throw new Error(`${app} never waited for a lock`);
+}
+
+async function drain(): Promise<void> {
+  for (;;) {
+    const r = await mergeNow(db.pool);
+    if (!r.skippedConcurrent && r.rowsConsumed === 0) return;
+  }
+}
+
+describe('merge vs disconnect_replica', () => {
+  test('under contention: no merge or disconnect_replica fails, a reconnect through B staged before the call is never undone', async (t) => {
+    const AGENTS = 20_000;
+    const ROUNDS = 5;
+    const ids = await createAgents(db.pool, AGENTS);
+    const stager = new HeartbeatStager({ connectionString: db.url, max: 2 }, { flushIntervalMs: 5, maxBatchSize: 500, logger: silentLogger });
+    const noiseStager = new HeartbeatStager({ connectionString: db.url, max: 1 }, { flushIntervalMs: 3_600_000, logger: silentLogger });
+    const deadlocksBefore = await deadlocks();
+    const mergeErrors: unknown[] = [];
+    const disconnectErrors: unknown[] = [];
+    let running = true;
+    const mergePools = [0, 1, 2].map(() => {
+      const p = new pg.Pool({ connectionString: db.url, max: 1 });
+      p.on('error', () => {});
+      return p;
+    });
+    const mergers = mergePools.map(async (pool) => {
+      while (running) {
+        await mergeNow(pool).catch((err: unknown) => mergeErrors.push(err));
+        await new Promise((r) => setTimeout(r, Math.random() * 3));
+      }
+    });
+    const callers = [0, 1].map(() => new pg.Pool({ connectionString: db.url, max: 1 }));
+    let disconnected = 0;
+    let violations: string[] = [];
+    try {
+      for (let round = 0; round < ROUNDS; round++) {
+        const s = round * 100;
+        // every agent connected through A (merged)
+        for (const agentId of ids) stager.stage({ agentId, lastConnectedAt: at(s + 1), updatedAt: at(s + 1), lastConnectedReplicaId: A });
+        await stager.flush();
+        await drain();
+        // a tenth reconnect through B: staged (committed), and the merges race to apply them
+        const moved = ids.filter((_, i) => (i + round) % 10 === 0);
+        for (const agentId of moved) stager.stage({ agentId, lastConnectedAt: at(s + 2), updatedAt: at(s + 2), lastConnectedReplicaId: B });
+        // the rest keep heartbeating through A while the calls run (those may or may not be disconnected)
+        for (const agentId of ids.filter((_, i) => (i + round) % 10 === 5)) {
+          stager.stage({ agentId, lastConnectedAt: at(s + 2), updatedAt: at(s + 2), lastConnectedReplicaId: A });
+        }
+        await stager.flush();
+        // meanwhile the agents that stay on A keep heartbeating (older than the disconnects), so the
+        // merges keep updating the very rows disconnect_replica locks
+        const noisy = ids.filter((_, i) => (i + round) % 10 !== 0);
+        let noise = true;
+        const noiseLoop = (async () => {
+          for (let k = 1; noise && k < 700; k++) {
+            for (const agentId of noisy) {
+              noiseStager.stage({ agentId, lastConnectedAt: at(s + 2 + k / 100), updatedAt: at(s + 2 + k / 100), lastConnectedReplicaId: A });
+            }
+            await noiseStager.flush();
+          }
+        })();
+        // replica A is gone: two callers disconnect it at once, repeatedly, with later times
+        await Promise.all(callers.map(async (pool, k) => {
+          for (let n = 0; n < 3; n++) {
+            try {
+              const r = await pool.query<{ n: string }>('SELECT heartbeat.disconnect_replica($1, $2, $2) AS n', [A, at(s + 10 + n * 2 + k)]);
+              disconnected += Number(r.rows[0]!.n);
+            } catch (err) {
+              disconnectErrors.push(err);
+            }
+          }
+        }));
+        noise = false;
+        await noiseLoop;
+        await drain();
+        const after = await rows(ids);
+        for (const agentId of moved) {
+          const r = after.get(agentId)!;
+          if (!connected(r) || r.replica !== B || r.last?.getTime() !== at(s + 2).getTime()) {
+            violations.push(`round ${round}: ${agentId} ${JSON.stringify(r)}`);
+          }
+        }
+        // every agent still on A was disconnected by a call
+        const stillOnA = [...after.values()].filter((r) => r.replica === A && connected(r));
+        assert.equal(stillOnA.length, 0, `round ${round}: ${stillOnA.length} agents still connected through A`);
+        if (violations.length) break;
+      }
+    } finally {
+      running = false;
+      await Promise.all(mergers);
+      await stager.close();
+      await noiseStager.close();
+      await Promise.all([...mergePools, ...callers].map((p) => p.end()));
+    }
+    assert.deepEqual(mergeErrors.map((e) => `${String(e)} ${(e as { cause?: { where?: string } }).cause?.where ?? ''}`), [], 'no merge failed');
+    assert.deepEqual(disconnectErrors.map(String), [], 'no disconnect_replica failed');
+    assert.deepEqual(violations.slice(0, 5), [], `${violations.length} reconnects through B were undone`);
+    assert.ok(disconnected >= ROUNDS * AGENTS * 0.8, `disconnect_replica disconnected ${disconnected} agents over ${ROUNDS} rounds`);
+    const seen = (await deadlocks()) - deadlocksBefore;
+    t.diagnostic(`${ROUNDS} rounds of ${AGENTS} agents: ${disconnected} disconnects, ${seen} deadlocks detected and handled, 0 merge failures`);
+    console.log(`merge vs disconnect_replica: ${ROUNDS} rounds x ${AGENTS} agents, 3 merge loops, 2 concurrent callers: ` +
+      `${seen} deadlocks detected by the server and handled, 0 merge failures, 0 disconnect_replica failures, every staged reconnect through B kept`);
+  });
+
+  test('a deadlock with disconnect_replica (forced): it is detected, disconnect_replica retries and succeeds', async () => {
+    const ids = (await createAgents(db.pool, 50)).sort();
+    const stager = new HeartbeatStager({ connectionString: db.url, max: 1 }, { logger: silentLogger });
+    const user = new pg.Client({ connectionString: db.url });
+    await user.connect();
+    const caller = new pg.Client({ connectionString: db.url, application_name: 'replica-cleanup' });
+    await caller.connect();
+    try {
+      for (const agentId of ids) stager.stage({ agentId, lastConnectedAt: at(3001), updatedAt: at(3001), lastConnectedReplicaId: A });
+      await stager.flush();
+      await drain();
+      const before = await deadlocks();
+      // the application holds the LAST row disconnect_replica will lock (it locks in id order) ...
+      await user.query('BEGIN');
+      await user.query('SELECT 1 FROM public.workspace_agents WHERE id = $1 FOR UPDATE', [ids.at(-1)]);
+      const call = caller.query<{ n: string }>('SELECT heartbeat.disconnect_replica($1, $2, $2) AS n', [A, at(3005)]);
+      await waitForLockWait('replica-cleanup');
+      // ... and now wants the FIRST, which disconnect_replica holds: a cycle
+      const userLock = user.query('SELECT 1 FROM public.workspace_agents WHERE id = $1 FOR UPDATE', [ids[0]]);
+      await userLock; // granted once disconnect_replica's attempt was rolled back
+      await new Promise((r) => setTimeout(r, 200));
+      await user.query('COMMIT');
+      const n = Number((await call).rows[0]!.n);
+      assert.equal(n, ids.length, 'the retry disconnected every agent');
+      assert.equal((await deadlocks()) - before, 1, 'the server detected exactly one deadlock');
+    } finally {
+      await user.query('ROLLBACK').catch(() => {});
+      await user.end();
+      await caller.end();
+      await stager.close();
+    }
+  });
+
+  test('the check can fail: a reconnect through B staged AFTER disconnect_replica(A) is older than the disconnect and stays disconnected', async () => {
+    const [agentId] = await createAgents(db.pool, 1);
+    const stager = new HeartbeatStager({ connectionString: db.url, max: 1 }, { logger: silentLogger });
+    try {
+      stager.stage({ agentId: agentId!, lastConnectedAt: at(1001), updatedAt: at(1001), lastConnectedReplicaId: A });
+      await stager.flush();
+      await drain();
+      await db.pool.query('SELECT heartbeat.disconnect_replica($1, $2, $2)', [A, at(1010)]);
+      stager.stage({ agentId: agentId!, lastConnectedAt: at(1005), updatedAt: at(1005), lastConnectedReplicaId: B });
+      await stager.flush();
+      await drain();
+      const r = (await rows([agentId!])).get(agentId!)!;
+      assert.equal(connected(r), false, 'the reconnect came too late: it is older than the disconnect');
+    } finally {
+      await stager.close();
+    }
+  });
+
+  test('stager.disconnectReplica() flushes first: its pending reconnects through B are kept', async () => {
+    const ids = await createAgents(db.pool, 200);
+    const stager = new HeartbeatStager({ connectionString: db.url, max: 1 }, { flushIntervalMs: 3_600_000, logger: silentLogger });
+    try {
+      for (const agentId of ids) stager.stage({ agentId, lastConnectedAt: at(2001), updatedAt: at(2001), lastConnectedReplicaId: A });
+      await stager.flush();
+      await drain();
+      const moved = ids.slice(0, 50);
+      // reconnects through B, only pending in this stager (not COPYed yet)
+      for (const agentId of moved) stager.stage({ agentId, lastConnectedAt: at(2002), updatedAt: at(2002), lastConnectedReplicaId: B });
+      assert.equal(await stagedCount(db.pool), 0);
+      const n = await stager.disconnectReplica(A, { disconnectedAt: at(2005) });
+      assert.equal(n, ids.length - moved.length, 'only the agents still on A');
+      await drain();
+      const after = await rows(ids);
+      assert.ok(moved.every((id) => connected(after.get(id)!) && after.get(id)!.replica === B), 'the reconnects through B were kept');
+      assert.ok(ids.slice(50).every((id) => !connected(after.get(id)!)));
+    } finally {
+      await stager.close();
+    }
+  });
+});
