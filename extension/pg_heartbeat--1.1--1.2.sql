@@ -63,12 +63,12 @@ GRANT INSERT ON heartbeat.agent_connection_staging TO heartbeat_writer;
 
 -- The parts, by number (the remainder of hash(agent_id) / modulus).
 CREATE FUNCTION heartbeat.staging_parts()
-RETURNS TABLE (part integer, relid regclass)
+RETURNS TABLE (part integer, relid regclass, relname name)
 LANGUAGE sql
 STABLE
 SET search_path = pg_catalog, pg_temp
 AS $parts$
-    SELECT pg_catalog.substring(c.relname::text, '_p([0-9]+)$')::integer, c.oid::regclass
+    SELECT pg_catalog.substring(c.relname::text, '_p([0-9]+)$')::integer, c.oid::regclass, c.relname
       FROM pg_catalog.pg_inherits i
       JOIN pg_catalog.pg_class c ON c.oid = i.inhrelid
      WHERE i.inhparent = 'heartbeat.agent_connection_staging'::regclass
@@ -96,6 +96,8 @@ DECLARE
     moved       bigint := 0;
     n           bigint;
     in_ext      boolean;
+    part_name   text;
+    old_name    text;
 BEGIN
     IF parts IS NULL OR parts < 1 OR parts > 64 THEN
         RAISE EXCEPTION 'heartbeat.set_staging_parts: parts must be from 1 to 64, not %', COALESCE(parts::text, 'NULL')
@@ -122,53 +124,56 @@ BEGIN
 
     -- the old parts become plain tables named *_old<k>
     FOR old IN SELECT * FROM heartbeat.staging_parts() LOOP
-        EXECUTE pg_catalog.format('ALTER TABLE heartbeat.agent_connection_staging DETACH PARTITION %s', old.relid);
-        EXECUTE pg_catalog.format('ALTER TABLE %s RENAME TO %I', old.relid, 'agent_connection_staging_old' || old.part);
+        old_name := 'agent_connection_staging_old' || old.part;
+        EXECUTE pg_catalog.format('ALTER TABLE heartbeat.agent_connection_staging DETACH PARTITION heartbeat.%I', old.relname);
+        EXECUTE pg_catalog.format('ALTER TABLE heartbeat.%I RENAME TO %I', old.relname, old_name);
     END LOOP;
 
     FOR k IN 0 .. parts - 1 LOOP
+        part_name := 'agent_connection_staging_p' || k;
         EXECUTE pg_catalog.format(
-            'CREATE %s TABLE heartbeat.%I PARTITION OF heartbeat.agent_connection_staging '
+            'CREATE UNLOGGED TABLE heartbeat.%I PARTITION OF heartbeat.agent_connection_staging '
             'FOR VALUES WITH (MODULUS %s, REMAINDER %s) WITH ('
             'autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 5000, '
             'autovacuum_vacuum_insert_scale_factor = 0, autovacuum_vacuum_insert_threshold = 100000, '
             'autovacuum_vacuum_cost_delay = 0, autovacuum_analyze_scale_factor = 0, '
             'autovacuum_analyze_threshold = 100000)',
-            CASE persistence WHEN 'LOGGED' THEN '' ELSE 'UNLOGGED' END,
-            'agent_connection_staging_p' || k, parts, k);
-        EXECUTE pg_catalog.format('REVOKE ALL ON heartbeat.%I FROM PUBLIC', 'agent_connection_staging_p' || k);
-        EXECUTE pg_catalog.format('GRANT SELECT, INSERT, DELETE ON heartbeat.%I TO heartbeat_definer',
-                                  'agent_connection_staging_p' || k);
+            part_name, parts::integer, k::integer);
+        IF persistence = 'LOGGED' THEN
+            EXECUTE pg_catalog.format('ALTER TABLE heartbeat.%I SET LOGGED', part_name);
+        END IF;
+        EXECUTE pg_catalog.format('REVOKE ALL ON heartbeat.%I FROM PUBLIC', part_name);
+        EXECUTE pg_catalog.format('GRANT SELECT, INSERT, DELETE ON heartbeat.%I TO heartbeat_definer', part_name);
         -- created outside CREATE/ALTER EXTENSION: make it a member like its parent
         IF in_ext AND NOT EXISTS (
                SELECT 1 FROM pg_catalog.pg_depend d
                 WHERE d.classid = 'pg_catalog.pg_class'::regclass
-                  AND d.objid = pg_catalog.to_regclass('heartbeat.agent_connection_staging_p' || k)
+                  AND d.objid = pg_catalog.to_regclass('heartbeat.' || part_name)
                   AND d.deptype = 'e') THEN
-            EXECUTE pg_catalog.format('ALTER EXTENSION pg_heartbeat ADD TABLE heartbeat.%I', 'agent_connection_staging_p' || k);
+            EXECUTE pg_catalog.format('ALTER EXTENSION pg_heartbeat ADD TABLE heartbeat.%I', part_name);
         END IF;
     END LOOP;
 
     -- move the rows of the old parts (and of the table from before partitioning) into the new ones
-    FOR old IN SELECT c.oid::regclass AS relid
+    FOR old IN SELECT c.oid AS relid, c.relname
                  FROM pg_catalog.pg_class c
                 WHERE c.relnamespace = 'heartbeat'::regnamespace
                   AND c.relkind = 'r'
                   AND (c.relname ~ '^agent_connection_staging_old[0-9]+$'
                        OR c.relname = 'agent_connection_staging_unpartitioned') LOOP
-        EXECUTE pg_catalog.format('INSERT INTO heartbeat.agent_connection_staging SELECT * FROM %s', old.relid);
+        EXECUTE pg_catalog.format('INSERT INTO heartbeat.agent_connection_staging SELECT * FROM heartbeat.%I', old.relname);
         GET DIAGNOSTICS n = ROW_COUNT;
         moved := moved + n;
         IF EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
                     WHERE d.classid = 'pg_catalog.pg_class'::regclass
                       AND d.objid = old.relid AND d.deptype = 'e') THEN
             BEGIN
-                EXECUTE pg_catalog.format('ALTER EXTENSION pg_heartbeat DROP TABLE %s', old.relid);
+                EXECUTE pg_catalog.format('ALTER EXTENSION pg_heartbeat DROP TABLE heartbeat.%I', old.relname);
             EXCEPTION WHEN object_not_in_prerequisite_state OR feature_not_supported THEN
                 NULL;  -- inside the extension's own script: members may simply be dropped
             END;
         END IF;
-        EXECUTE pg_catalog.format('DROP TABLE %s', old.relid);
+        EXECUTE pg_catalog.format('DROP TABLE heartbeat.%I', old.relname);
     END LOOP;
     DELETE FROM heartbeat.merge_state ms
      WHERE ms.part >= parts;
@@ -306,23 +311,38 @@ AS $valid$
 $valid$;
 REVOKE ALL ON FUNCTION heartbeat.valid_time(timestamptz, timestamptz) FROM PUBLIC;
 
--- Refuses to run as a superuser. Every SECURITY DEFINER function of pg-heartbeat
--- calls it first: anything that runs inside them (a trigger, a CHECK function, a
--- rule on workspace_agents) runs with their owner's rights, and that owner must
--- be the unprivileged heartbeat_definer (sql/014, docs/security.md).
+-- Refuses to run as a privileged role. Every SECURITY DEFINER function of
+-- pg-heartbeat calls it first: anything that runs inside them (a trigger, a CHECK
+-- function, a rule on workspace_agents) runs with their owner's rights, and that
+-- owner must be the unprivileged heartbeat_definer (sql/014, docs/security.md):
+-- no role attribute, and the privileges of no other role (an inherited
+-- pg_write_server_files, say, would let a trigger write files as the server).
 CREATE FUNCTION heartbeat.assert_unprivileged()
 RETURNS void
 LANGUAGE plpgsql
 STABLE
 SET search_path = pg_catalog, pg_temp
 AS $assert$
+DECLARE
+    why text;
 BEGIN
-    IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles r
-                WHERE r.rolname = CURRENT_USER
-                  AND (r.rolsuper OR r.rolcreaterole OR r.rolbypassrls OR r.rolreplication)) THEN
-        RAISE EXCEPTION 'pg-heartbeat refuses to run with the rights of %, a privileged role', CURRENT_USER
+    SELECT pg_catalog.string_agg(x, ', ') INTO why FROM (
+        SELECT a.attr AS x
+          FROM pg_catalog.pg_roles r,
+               LATERAL (VALUES ('SUPERUSER', r.rolsuper), ('CREATEROLE', r.rolcreaterole), ('CREATEDB', r.rolcreatedb),
+                               ('BYPASSRLS', r.rolbypassrls), ('REPLICATION', r.rolreplication)) AS a(attr, has)
+         WHERE r.rolname = CURRENT_USER AND a.has
+        UNION ALL
+        SELECT 'privileges of ' || pg_catalog.quote_ident(g.rolname)
+          FROM pg_catalog.pg_auth_members m
+          JOIN pg_catalog.pg_roles g ON g.oid = m.roleid
+         WHERE m.member = (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname = CURRENT_USER)
+           AND pg_catalog.pg_has_role(CURRENT_USER, m.roleid, 'USAGE')
+    ) s;
+    IF why IS NOT NULL THEN
+        RAISE EXCEPTION 'pg-heartbeat refuses to run with the rights of %, a privileged role (%)', CURRENT_USER, why
             USING ERRCODE = '42501',
-                  HINT = 'pg-heartbeat''s SECURITY DEFINER functions must be owned by heartbeat_definer: run pg-heartbeat migrate again, or SELECT heartbeat.apply_privileges();';
+                  HINT = 'pg-heartbeat''s SECURITY DEFINER functions must be owned by heartbeat_definer, which must stay unprivileged: run pg-heartbeat migrate again, or SELECT heartbeat.apply_privileges(); and REVOKE what was granted to heartbeat_definer (docs/security.md).';
     END IF;
 END
 $assert$;
@@ -468,10 +488,10 @@ CREATE TYPE heartbeat.merge_result AS (
     lock_busy_since             timestamptz -- since when merges find it taken
 );
 
--- Merges one part: `relid` is heartbeat.agent_connection_staging_p<part>.
+-- Merges one part: `relname` is its table in schema heartbeat (agent_connection_staging_p<part>).
 CREATE FUNCTION heartbeat.merge_part(
     part            integer,
-    relid           regclass,
+    relname         name,
     budget          integer,
     min_interval    interval,
     horizon         timestamptz
@@ -500,7 +520,7 @@ BEGIN
         SELECT ms.last_merge_at, ms.drained_through INTO state
           FROM heartbeat.merge_state ms WHERE ms.part = merge_part.part;
         IF state.last_merge_at > started - min_interval
-           AND state.drained_through = state.last_merge_at THEN
+           AND state.drained_through >= state.last_merge_at THEN
             res.parts_skipped_recent := 1;
             res.duration := pg_catalog.clock_timestamp() - started;
             RETURN res;
@@ -543,8 +563,8 @@ BEGIN
         -- Fast path: one statement; waits at most lock_timeout for row locks.
         EXECUTE pg_catalog.format($fast$
         WITH consumed AS (
-            DELETE FROM %1$s AS s
-             WHERE s.ctid = ANY (ARRAY(SELECT t.ctid FROM %1$s AS t LIMIT $2))
+            DELETE FROM heartbeat.%1$I AS s
+             WHERE s.ctid = ANY (ARRAY(SELECT t.ctid FROM heartbeat.%1$I AS t LIMIT $2))
             RETURNING s.agent_id, s.first_connected_at, s.last_connected_at,
                       s.last_connected_replica_id, s.disconnected_at, s.updated_at,
                       (s.agent_id IS NOT NULL AND s.updated_at IS NOT NULL
@@ -606,7 +626,7 @@ BEGIN
                ELSE 0 END,
                (SELECT pg_catalog.count(*) FROM earlier_first)
           FROM counts c
-        $fast$, relid)
+        $fast$, relname)
           INTO res.rows_consumed, res.skipped_invalid, n_agents, res.agents_updated, res.skipped_unknown
          USING horizon, budget;
         res.skipped_stale := n_agents - res.agents_updated - res.skipped_unknown;
@@ -622,8 +642,8 @@ BEGIN
             snap_at := pg_catalog.clock_timestamp();
             EXECUTE pg_catalog.format($slow$
             WITH consumed AS (
-                DELETE FROM %1$s AS s
-                 WHERE s.ctid = ANY (ARRAY(SELECT t.ctid FROM %1$s AS t LIMIT $2))
+                DELETE FROM heartbeat.%1$I AS s
+                 WHERE s.ctid = ANY (ARRAY(SELECT t.ctid FROM heartbeat.%1$I AS t LIMIT $2))
                 RETURNING s.agent_id, s.first_connected_at, s.last_connected_at,
                           s.last_connected_replica_id, s.disconnected_at, s.updated_at,
                           (s.agent_id IS NOT NULL AND s.updated_at IS NOT NULL
@@ -648,7 +668,7 @@ BEGIN
             SELECT (SELECT pg_catalog.count(*) FROM consumed),
                    (SELECT pg_catalog.count(*) FROM consumed c WHERE NOT c.valid),
                    (SELECT pg_catalog.array_agg(n.snap) FROM newest n)
-            $slow$, relid)
+            $slow$, relname)
               INTO res.rows_consumed, res.skipped_invalid, batch
              USING horizon, budget;
             slow := heartbeat.apply_snapshots(batch);
@@ -686,7 +706,7 @@ BEGIN
     RETURN res;
 END
 $merge_part$;
-REVOKE ALL ON FUNCTION heartbeat.merge_part(integer, regclass, integer, interval, timestamptz) FROM PUBLIC;
+REVOKE ALL ON FUNCTION heartbeat.merge_part(integer, name, integer, interval, timestamptz) FROM PUBLIC;
 
 -- Checks shared by the two entry points; returns the row budget and the horizon.
 CREATE FUNCTION heartbeat.merge_prelude(max_rows integer, OUT budget integer, OUT horizon timestamptz)
@@ -738,7 +758,7 @@ BEGIN
     SELECT pg_catalog.count(*) INTO n_parts FROM heartbeat.staging_parts();
     total := ROW(0, 0, 0, 0, 0, 0, false, 0, n_parts, 0, 0, 0, '{}', false, NULL, NULL, NULL)::heartbeat.merge_result;
     FOR p IN SELECT * FROM heartbeat.staging_parts() LOOP
-        r := heartbeat.merge_part(p.part, p.relid,
+        r := heartbeat.merge_part(p.part, p.relname,
                                   GREATEST(1, pg_catalog.ceil(pre.budget::numeric / n_parts)::integer),
                                   min_interval, pre.horizon);
         total.rows_consumed   := total.rows_consumed   + r.rows_consumed;
@@ -779,18 +799,18 @@ SET search_path = pg_catalog, pg_temp
 SET lock_timeout = '2s'
 AS $merge_one$
 DECLARE
-    pre     record;
-    relid   regclass;
-    n_parts integer;
+    pre         record;
+    part_name   name;
+    n_parts     integer;
 BEGIN
     pre := heartbeat.merge_prelude(max_rows);
-    SELECT s.relid INTO relid FROM heartbeat.staging_parts() s WHERE s.part = merge_staging_part.part;
-    IF relid IS NULL THEN
+    SELECT s.relname INTO part_name FROM heartbeat.staging_parts() s WHERE s.part = merge_staging_part.part;
+    IF part_name IS NULL THEN
         SELECT pg_catalog.count(*) INTO n_parts FROM heartbeat.staging_parts();
         RAISE EXCEPTION 'heartbeat.merge_staging_part: staging has parts 0 to %, not %', n_parts - 1, part
             USING ERRCODE = '22023';
     END IF;
-    RETURN NEXT heartbeat.merge_part(part, relid, pre.budget, min_interval, pre.horizon);
+    RETURN NEXT heartbeat.merge_part(part, part_name, pre.budget, min_interval, pre.horizon);
 END
 $merge_one$;
 
@@ -881,8 +901,10 @@ DECLARE
 BEGIN
     FOREACH t IN ARRAY times LOOP
         IF NOT heartbeat.valid_time(t, horizon) THEN
-            RAISE EXCEPTION '%: % is not a valid time (finite, from 1970 to heartbeat.clock_horizon(), now %)',
-                caller, t, horizon
+            RAISE EXCEPTION '%: % %', caller, t,
+                CASE WHEN NOT pg_catalog.isfinite(t) THEN 'is not a finite time'
+                     WHEN t > horizon THEN 'is too far ahead of the database clock (beyond heartbeat.clock_horizon(), ' || horizon || ')'
+                     ELSE 'is before 1970' END
                 USING ERRCODE = '22008',  -- datetime_field_overflow
                       HINT = 'Timestamps must be real instants; one far ahead means a replica clock is wrong.';
         END IF;
@@ -1281,6 +1303,7 @@ AS $loop$
 DECLARE
     step        pg_catalog.float8;
     deadline    pg_catalog.float8;   -- epoch seconds: no merge starts at or after it
+    drain_until pg_catalog.float8;   -- a draining merge stops merging again at this time
     started     pg_catalog.float8;
     slot        pg_catalog.float8;   -- the grid instant of the merge to run next
     gen         pg_catalog.int8;
@@ -1304,6 +1327,8 @@ BEGIN
         WHEN run_for IS NULL THEN pg_catalog.date_part('epoch',
                  pg_catalog.date_trunc('minute', pg_catalog.clock_timestamp()) OPERATOR(pg_catalog.+) pg_catalog.interval '1 minute')
         ELSE started OPERATOR(pg_catalog.+) pg_catalog.date_part('epoch', run_for) END;
+    -- one draining merge (run_for 0) may take up to one interval; in the loop, up to the end of the run
+    drain_until := GREATEST(deadline, started OPERATOR(pg_catalog.+) step);
     SELECT s.generation INTO gen FROM heartbeat.cron_state s;
     -- the latest grid instant not after now: run it at once unless a merge started since
     slot := pg_catalog.floor(started OPERATOR(pg_catalog./) step) OPERATOR(pg_catalog.*) step;
@@ -1335,7 +1360,7 @@ BEGIN
             END;
             COMMIT;
             EXIT WHEN r IS NULL OR NOT r.more
-                 OR pg_catalog.date_part('epoch', pg_catalog.clock_timestamp()) OPERATOR(pg_catalog.>=) deadline;
+                 OR pg_catalog.date_part('epoch', pg_catalog.clock_timestamp()) OPERATOR(pg_catalog.>=) drain_until;
         END LOOP;
         EXIT WHEN run_for OPERATOR(pg_catalog.=) pg_catalog.interval '0';
         slot := slot OPERATOR(pg_catalog.+) step;
@@ -1496,8 +1521,9 @@ DROP FUNCTION heartbeat.reject_future(timestamptz, text);  -- replaced by heartb
 --   * heartbeat_definer is not a superuser and has no rights the owner of
 --     public.workspace_agents lacks (role attributes, role memberships) while the
 --     table (or, for a view, its base tables) runs code owned by another role:
---     a trigger, rule, CHECK constraint, index expression, policy or generated
---     column calling a function that is not pg_catalog's.
+--     a trigger, rule, CHECK constraint, index expression, policy, generated
+--     column or CHECK of a column's domain calling a function that is not
+--     pg_catalog's.
 CREATE FUNCTION heartbeat.check_privilege_model()
 RETURNS void
 LANGUAGE plpgsql
@@ -1563,6 +1589,14 @@ BEGIN
          WHERE rw.ev_class = rels.oid
            AND d.refclassid = 'pg_catalog.pg_class'::regclass
            AND d.refobjid <> rels.oid
+    ), types(typid) AS (
+        -- the columns' types, and what those are built on: a domain's CHECK runs on every assignment
+        SELECT a.atttypid FROM pg_catalog.pg_attribute a, rels
+         WHERE a.attrelid = rels.oid AND a.attnum > 0 AND NOT a.attisdropped
+        UNION
+        SELECT x.typid FROM types, pg_catalog.pg_type t,
+               LATERAL (VALUES (t.typbasetype), (t.typelem)) AS x(typid)
+         WHERE t.oid = types.typid AND x.typid <> 0
     ), attached(classid, objid) AS (
         SELECT 'pg_catalog.pg_trigger'::regclass::oid, t.oid FROM pg_catalog.pg_trigger t, rels
          WHERE t.tgrelid = rels.oid AND NOT t.tgisinternal
@@ -1572,6 +1606,9 @@ BEGIN
         UNION ALL
         SELECT 'pg_catalog.pg_constraint'::regclass::oid, c.oid FROM pg_catalog.pg_constraint c, rels
          WHERE c.conrelid = rels.oid
+        UNION ALL
+        SELECT 'pg_catalog.pg_constraint'::regclass::oid, c.oid FROM pg_catalog.pg_constraint c, types
+         WHERE c.contypid = types.typid
         UNION ALL
         SELECT 'pg_catalog.pg_class'::regclass::oid, i.indexrelid FROM pg_catalog.pg_index i, rels
          WHERE i.indrelid = rels.oid
@@ -1607,6 +1644,9 @@ REVOKE ALL ON FUNCTION heartbeat.check_privilege_model() FROM PUBLIC;
 
 -- Grants what each role needs, hands every SECURITY DEFINER function to
 -- heartbeat_definer, and checks the result. Run by the owner of the schema.
+-- This is the one list of pg-heartbeat's privileges: a migration that adds or
+-- replaces a function replaces this function too and calls it again (the check
+-- at the end fails on a SECURITY DEFINER function left out).
 CREATE FUNCTION heartbeat.apply_privileges()
 RETURNS void
 LANGUAGE plpgsql
@@ -1614,12 +1654,11 @@ VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $apply$
 DECLARE
-    f   regprocedure;
-    t   regclass;
+    p record;
 BEGIN
     GRANT USAGE ON SCHEMA heartbeat TO heartbeat_definer, heartbeat_writer, heartbeat_reader;
 
-    -- heartbeat_definer: the target columns and pg-heartbeat's own tables
+    -- heartbeat_definer: the target columns, pg-heartbeat's own tables and helper functions
     BEGIN
         GRANT SELECT (id, created_at, updated_at, first_connected_at, last_connected_at, disconnected_at,
                       last_connected_replica_id, connection_timeout_seconds),
@@ -1631,46 +1670,45 @@ BEGIN
                   HINT = 'Run the migrations (or CREATE EXTENSION) as the owner of public.workspace_agents or a superuser, or GRANT the columns listed in sql/014 to heartbeat_definer WITH GRANT OPTION first.';
     END;
     GRANT SELECT, INSERT, DELETE ON heartbeat.agent_connection_staging TO heartbeat_definer;
-    FOR t IN SELECT s.relid FROM heartbeat.staging_parts() s LOOP
-        EXECUTE pg_catalog.format('GRANT SELECT, INSERT, DELETE ON %s TO heartbeat_definer', t);
+    FOR p IN SELECT s.relname FROM heartbeat.staging_parts() s LOOP
+        EXECUTE pg_catalog.format('GRANT SELECT, INSERT, DELETE ON heartbeat.%I TO heartbeat_definer', p.relname);
     END LOOP;
     GRANT SELECT, INSERT, UPDATE ON heartbeat.merge_state, heartbeat.merge_skips, heartbeat.staging_epoch TO heartbeat_definer;
     GRANT SELECT, INSERT, DELETE ON heartbeat.dead_letters TO heartbeat_definer;
     GRANT SELECT ON heartbeat.settings TO heartbeat_definer;
-    FOR f IN SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
-              WHERE p.pronamespace = 'heartbeat'::regnamespace
-                AND p.proname = ANY (ARRAY['clock_horizon', 'valid_time', 'assert_unprivileged',
-                    'apply_snapshots', 'merge_part', 'merge_prelude', 'staging_parts', 'check_times']) LOOP
-        EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO heartbeat_definer', f);
-    END LOOP;
+    GRANT EXECUTE ON FUNCTION heartbeat.clock_horizon(), heartbeat.valid_time(timestamptz, timestamptz),
+                              heartbeat.assert_unprivileged(), heartbeat.apply_snapshots(heartbeat.snapshot[]),
+                              heartbeat.merge_part(integer, name, integer, interval, timestamptz),
+                              heartbeat.merge_prelude(integer), heartbeat.staging_parts(),
+                              heartbeat.check_times(text, timestamptz[])
+       TO heartbeat_definer;
 
-    -- writers and readers: read pg-heartbeat's own tables (status runs with the caller's rights)
+    -- writers and readers read pg-heartbeat's own tables (status runs with the caller's rights)
     GRANT SELECT ON heartbeat.agent_connection_staging, heartbeat.merge_state, heartbeat.merge_skips,
                     heartbeat.staging_epoch, heartbeat.dead_letters, heartbeat.settings, heartbeat.status
        TO heartbeat_writer, heartbeat_reader;
+    GRANT EXECUTE ON FUNCTION heartbeat.merge_status(), heartbeat.part_status(), heartbeat.staging_parts(),
+                              heartbeat.valid_time(timestamptz, timestamptz), heartbeat.clock_horizon(),
+                              heartbeat.agent_status(interval, uuid[])
+       TO heartbeat_writer, heartbeat_reader;
+    -- writers write: COPY into staging, the merge, the disconnects, the staging epoch
     GRANT INSERT ON heartbeat.agent_connection_staging TO heartbeat_writer;
-    FOR f IN SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
-              WHERE p.pronamespace = 'heartbeat'::regnamespace
-                AND p.proname = ANY (ARRAY['merge_status', 'part_status', 'staging_parts',
-                    'valid_time', 'clock_horizon', 'agent_status']) LOOP
-        EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO heartbeat_writer, heartbeat_reader', f);
-    END LOOP;
-    FOR f IN SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
-              WHERE p.pronamespace = 'heartbeat'::regnamespace
-                AND p.proname = ANY (ARRAY['merge_agent_connections', 'merge_staging_part',
-                    'disconnect_agent', 'disconnect_replica', 'staging_epoch']) LOOP
-        EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO heartbeat_writer', f);
-    END LOOP;
+    GRANT EXECUTE ON FUNCTION heartbeat.merge_agent_connections(integer, interval),
+                              heartbeat.merge_staging_part(integer, integer, interval),
+                              heartbeat.disconnect_agent(uuid, timestamptz, timestamptz, uuid, timestamptz, timestamptz),
+                              heartbeat.disconnect_replica(uuid, timestamptz, timestamptz),
+                              heartbeat.staging_epoch()
+       TO heartbeat_writer;
 
     -- every SECURITY DEFINER function to heartbeat_definer (a non-superuser owner
     -- may only hand a function to a role with CREATE on its schema: for the moment)
     GRANT CREATE ON SCHEMA heartbeat TO heartbeat_definer;
-    FOR f IN SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
-              WHERE p.pronamespace = 'heartbeat'::regnamespace AND p.prosecdef
-                AND p.proowner <> (SELECT r.oid FROM pg_catalog.pg_roles r
-                                                         WHERE r.rolname = 'heartbeat_definer') LOOP
-        EXECUTE pg_catalog.format('ALTER FUNCTION %s OWNER TO heartbeat_definer', f);
-    END LOOP;
+    ALTER FUNCTION heartbeat.merge_agent_connections(integer, interval) OWNER TO heartbeat_definer;
+    ALTER FUNCTION heartbeat.merge_staging_part(integer, integer, interval) OWNER TO heartbeat_definer;
+    ALTER FUNCTION heartbeat.staging_epoch() OWNER TO heartbeat_definer;
+    ALTER FUNCTION heartbeat.disconnect_agent(uuid, timestamptz, timestamptz, uuid, timestamptz, timestamptz) OWNER TO heartbeat_definer;
+    ALTER FUNCTION heartbeat.disconnect_replica(uuid, timestamptz, timestamptz) OWNER TO heartbeat_definer;
+    ALTER FUNCTION heartbeat.agent_status(interval, uuid[]) OWNER TO heartbeat_definer;
     REVOKE CREATE ON SCHEMA heartbeat FROM heartbeat_definer;
 
     PERFORM heartbeat.check_privilege_model();

@@ -67,23 +67,38 @@ AS $valid$
 $valid$;
 REVOKE ALL ON FUNCTION heartbeat.valid_time(timestamptz, timestamptz) FROM PUBLIC;
 
--- Refuses to run as a superuser. Every SECURITY DEFINER function of pg-heartbeat
--- calls it first: anything that runs inside them (a trigger, a CHECK function, a
--- rule on workspace_agents) runs with their owner's rights, and that owner must
--- be the unprivileged heartbeat_definer (sql/014, docs/security.md).
+-- Refuses to run as a privileged role. Every SECURITY DEFINER function of
+-- pg-heartbeat calls it first: anything that runs inside them (a trigger, a CHECK
+-- function, a rule on workspace_agents) runs with their owner's rights, and that
+-- owner must be the unprivileged heartbeat_definer (sql/014, docs/security.md):
+-- no role attribute, and the privileges of no other role (an inherited
+-- pg_write_server_files, say, would let a trigger write files as the server).
 CREATE FUNCTION heartbeat.assert_unprivileged()
 RETURNS void
 LANGUAGE plpgsql
 STABLE
 SET search_path = pg_catalog, pg_temp
 AS $assert$
+DECLARE
+    why text;
 BEGIN
-    IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles r
-                WHERE r.rolname = CURRENT_USER
-                  AND (r.rolsuper OR r.rolcreaterole OR r.rolbypassrls OR r.rolreplication)) THEN
-        RAISE EXCEPTION 'pg-heartbeat refuses to run with the rights of %, a privileged role', CURRENT_USER
+    SELECT pg_catalog.string_agg(x, ', ') INTO why FROM (
+        SELECT a.attr AS x
+          FROM pg_catalog.pg_roles r,
+               LATERAL (VALUES ('SUPERUSER', r.rolsuper), ('CREATEROLE', r.rolcreaterole), ('CREATEDB', r.rolcreatedb),
+                               ('BYPASSRLS', r.rolbypassrls), ('REPLICATION', r.rolreplication)) AS a(attr, has)
+         WHERE r.rolname = CURRENT_USER AND a.has
+        UNION ALL
+        SELECT 'privileges of ' || pg_catalog.quote_ident(g.rolname)
+          FROM pg_catalog.pg_auth_members m
+          JOIN pg_catalog.pg_roles g ON g.oid = m.roleid
+         WHERE m.member = (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname = CURRENT_USER)
+           AND pg_catalog.pg_has_role(CURRENT_USER, m.roleid, 'USAGE')
+    ) s;
+    IF why IS NOT NULL THEN
+        RAISE EXCEPTION 'pg-heartbeat refuses to run with the rights of %, a privileged role (%)', CURRENT_USER, why
             USING ERRCODE = '42501',
-                  HINT = 'pg-heartbeat''s SECURITY DEFINER functions must be owned by heartbeat_definer: run pg-heartbeat migrate again, or SELECT heartbeat.apply_privileges();';
+                  HINT = 'pg-heartbeat''s SECURITY DEFINER functions must be owned by heartbeat_definer, which must stay unprivileged: run pg-heartbeat migrate again, or SELECT heartbeat.apply_privileges(); and REVOKE what was granted to heartbeat_definer (docs/security.md).';
     END IF;
 END
 $assert$;
