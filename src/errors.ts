@@ -113,7 +113,9 @@ export function toHeartbeatError(err: unknown, doing: string): HeartbeatError {
     });
   }
   if (code === '42501') {
-    return new PermissionDeniedError(`${text} (grant the role heartbeat_writer)`, {
+    // pg-heartbeat's own refusals of an unsafe privilege model carry their hint; granting a role is not the fix
+    const refusal = /^pg-heartbeat (refuses|: SECURITY DEFINER)/.test(describe(err));
+    return new PermissionDeniedError(refusal ? `${text} (see docs/security.md)` : `${text} (grant the role heartbeat_writer)`, {
       code: 'PERMISSION_DENIED', sqlState: code, cause: err,
     });
   }
