@@ -164,6 +164,10 @@ AS $apply$
 DECLARE
     p record;
 BEGIN
+    -- nothing of pg-heartbeat is PUBLIC's: a function created without its REVOKE (sql/010 created
+    -- merge_agent_connections, merge_staging_part and staging_epoch so) would be executable by every
+    -- role with USAGE on the schema, heartbeat_reader's members included
+    REVOKE ALL ON ALL ROUTINES IN SCHEMA heartbeat FROM PUBLIC;
     GRANT USAGE ON SCHEMA heartbeat TO heartbeat_definer, heartbeat_writer, heartbeat_reader;
 
     -- heartbeat_definer: the target columns, pg-heartbeat's own tables and helper functions
