@@ -20,15 +20,29 @@ import { agentRow, createAgents, createTestDb, stagedCount, withDatabase, type T
  * to the writer must be added here on purpose (and be SECURITY DEFINER-safe).
  */
 const WRITER_ROUTINES = new Set([
-  'merge_agent_connections()',
+  'merge_agent_connections(integer,interval)',
+  'merge_staging_part(integer,integer,interval)',
   'disconnect_agent(uuid,timestamp with time zone,timestamp with time zone,uuid,timestamp with time zone,timestamp with time zone)',
   'disconnect_replica(uuid,timestamp with time zone,timestamp with time zone)',
+  'staging_epoch()',
   'merge_status()',
+  'part_status()',
   'agent_status(interval,uuid[])',
   'merge_loop(interval,interval)',
+  // read-only helpers the status functions (which run with the caller's rights) call
+  'staging_parts()',
+  'clock_horizon()',
+  'valid_time(timestamp with time zone,timestamp with time zone)',
 ]);
-/** What heartbeat_writer may do to relations of the heartbeat and public schemas. */
-const WRITER_TABLE_PRIVILEGES = new Set(['heartbeat.agent_connection_staging:INSERT', 'heartbeat.status:SELECT']);
+/**
+ * What heartbeat_writer may do to relations of the heartbeat and public schemas: INSERT (COPY)
+ * into staging, and read pg-heartbeat's own tables (status runs with the caller's rights, sql/014).
+ */
+const WRITER_TABLE_PRIVILEGES = new Set([
+  'heartbeat.agent_connection_staging:INSERT',
+  ...['agent_connection_staging', 'merge_state', 'merge_skips', 'staging_epoch', 'dead_letters', 'settings', 'status'].map((t) => `heartbeat.${t}:SELECT`),
+  'heartbeat.cron_state:SELECT', // merge_loop (run with the caller's rights) reads whether it was unscheduled
+]);
 
 let db: TestDb;
 const app = `hb_app_${randomUUID().slice(0, 8)}`;
@@ -89,18 +103,22 @@ describe('a member of heartbeat_writer', () => {
       ['INSERT INTO public.workspace_agents (id, updated_at) VALUES ($1, now())', [randomUUID()]],
       ['DELETE FROM public.workspace_agents', []],
       ['TRUNCATE public.workspace_agents', []],
-      ['SELECT * FROM heartbeat.agent_connection_staging', []],
+      ['SELECT * FROM heartbeat.agent_connection_staging_p0', []],
       ['DELETE FROM heartbeat.agent_connection_staging', []],
       ['UPDATE heartbeat.agent_connection_staging SET updated_at = now()', []],
       ['TRUNCATE heartbeat.agent_connection_staging', []],
-      ['SELECT * FROM heartbeat.merge_state', []],
       ['UPDATE heartbeat.merge_state SET merges_total = 0', []],
+      ['DELETE FROM heartbeat.dead_letters', []],
+      ['UPDATE heartbeat.settings SET max_rows_per_merge = 1', []],
+      ['SELECT heartbeat.apply_privileges()', []],
+      ['SELECT heartbeat.check_privilege_model()', []],
+      ['SET ROLE heartbeat_definer', []],
       ['SELECT * FROM heartbeat.migrations', []],
       ['CREATE TABLE heartbeat.mine (x int)', []],
       ['CREATE FUNCTION heartbeat.mine() RETURNS int LANGUAGE sql AS $$ SELECT 1 $$', []],
       ['CREATE VIEW heartbeat.mine AS SELECT 1 AS x', []],
       ['ALTER TABLE heartbeat.agent_connection_staging SET LOGGED', []],
-      ['ALTER FUNCTION heartbeat.merge_agent_connections() SET search_path = public', []],
+      ['ALTER FUNCTION heartbeat.merge_agent_connections(integer, interval) SET search_path = public', []],
       ['DROP FUNCTION heartbeat.disconnect_agent(uuid, timestamptz, timestamptz, uuid, timestamptz, timestamptz)', []],
       ['GRANT heartbeat_writer TO postgres', []],
       ['CREATE ROLE hb_intruder LOGIN', []],
@@ -149,6 +167,37 @@ describe('a member of heartbeat_writer', () => {
       "SELECT has_schema_privilege($1, 'heartbeat', 'CREATE') AS create", [app],
     );
     assert.equal(schemaPriv[0]!.create, false);
+  });
+});
+
+describe('a member of heartbeat_reader', () => {
+  test('reads status and agent_status(), and can neither merge, disconnect, stage nor touch the staging epoch', async () => {
+    const reader = `hb_reader_${randomUUID().slice(0, 8)}`;
+    await db.pool.query(`CREATE ROLE ${pg.escapeIdentifier(reader)} LOGIN IN ROLE heartbeat_reader`);
+    const pool = new pg.Pool({ connectionString: urlAs(reader), max: 1 });
+    pool.on('error', () => {});
+    try {
+      await pool.query('SELECT * FROM heartbeat.status');
+      await pool.query('SELECT * FROM heartbeat.part_status()');
+      await pool.query('SELECT * FROM heartbeat.agent_status()');
+      const refused: string[] = [];
+      for (const sql of [
+        'SELECT * FROM heartbeat.merge_agent_connections()',
+        'SELECT * FROM heartbeat.merge_staging_part(0)',
+        'SELECT * FROM heartbeat.staging_epoch()',
+        `SELECT heartbeat.disconnect_agent('${randomUUID()}', now(), now())`,
+        `SELECT heartbeat.disconnect_replica('${randomUUID()}', now(), now())`,
+        `INSERT INTO heartbeat.agent_connection_staging (agent_id, updated_at) VALUES ('${randomUUID()}', now())`,
+        "CALL heartbeat.merge_loop(interval '1 second', interval '0')",
+      ]) {
+        const code = await sqlState(pool, sql);
+        if (code !== '42501') refused.push(`${sql} -> ${code ?? 'succeeded'}`);
+      }
+      assert.deepEqual(refused, [], 'every write is refused with 42501');
+    } finally {
+      await pool.end();
+      await db.pool.query(`DROP ROLE ${pg.escapeIdentifier(reader)}`);
+    }
   });
 });
 
