@@ -29,6 +29,11 @@
  * Usage, at the top level of a test file:
  *
  *   escalationSuite({ name: 'migrations', install: (url) => migrate({ connectionString: url }) });
+ *
+ * For the extension (after `make -C extension install datadir=<the server's SHAREDIR>`, as
+ * test/extension.test.ts does), `install` runs sql/roles.sql then `CREATE EXTENSION pg_heartbeat`
+ * on one connection; no `reapply` is needed (ALTER EXTENSION ... UPDATE at the latest version is a
+ * no-op).
  */
 import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
@@ -56,10 +61,13 @@ export interface InstallPath {
    */
   install(url: string): Promise<unknown>;
   /**
-   * Further ways to re-apply the privilege model to an installed database, each
-   * of which must refuse an unsafe setup (`url` is a superuser connection).
-   * `SELECT heartbeat.apply_privileges()` and `SELECT heartbeat.check_privilege_model()`
-   * are always tried.
+   * Further ways of re-running the install path on an installed database, each
+   * of which must refuse an unsafe setup (`url` is a superuser connection), e.g.
+   * migrate() again. They must not repair it: one that ends in
+   * heartbeat.apply_privileges() hands a re-owned function back to
+   * heartbeat_definer, which the re-owned-function test counts as not refusing.
+   * `SELECT heartbeat.apply_privileges()` (where it must refuse) and
+   * `SELECT heartbeat.check_privilege_model()` are always tried.
    */
   reapply?: Record<string, (url: string) => Promise<unknown>>;
 }
