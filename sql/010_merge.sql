@@ -71,7 +71,9 @@ REVOKE ALL ON FUNCTION heartbeat.valid_time(timestamptz, timestamptz) FROM PUBLI
 -- to run with the rights of a privileged role: anything that runs inside those
 -- functions (a trigger, a CHECK function, a rule on workspace_agents) runs with
 -- their owner's rights, and that owner must be the unprivileged
--- heartbeat_definer (sql/014, docs/security.md). And it says plainly when that
+-- heartbeat_definer (sql/015, docs/security.md): no role attribute, and the
+-- privileges of no other role (an inherited pg_write_server_files, say, would
+-- let a trigger write files as the server). And it says plainly when that
 -- owner cannot do its job: public.workspace_agents missing, or its column grants
 -- missing (pg_dump treats grants made by CREATE EXTENSION as the extension's own,
 -- so a restore needs SELECT heartbeat.apply_privileges(); once).
@@ -83,13 +85,25 @@ SET search_path = pg_catalog, pg_temp
 AS $assert$
 DECLARE
     target regclass := pg_catalog.to_regclass('public.workspace_agents');
+    why    text;
 BEGIN
-    IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles r
-                WHERE r.rolname = CURRENT_USER
-                  AND (r.rolsuper OR r.rolcreaterole OR r.rolbypassrls OR r.rolreplication)) THEN
-        RAISE EXCEPTION 'pg-heartbeat refuses to run with the rights of %, a privileged role', CURRENT_USER
+    SELECT pg_catalog.string_agg(x, ', ') INTO why FROM (
+        SELECT a.attr AS x
+          FROM pg_catalog.pg_roles r,
+               LATERAL (VALUES ('SUPERUSER', r.rolsuper), ('CREATEROLE', r.rolcreaterole), ('CREATEDB', r.rolcreatedb),
+                               ('BYPASSRLS', r.rolbypassrls), ('REPLICATION', r.rolreplication)) AS a(attr, has)
+         WHERE r.rolname = CURRENT_USER AND a.has
+        UNION ALL
+        SELECT 'privileges of ' || pg_catalog.quote_ident(g.rolname)
+          FROM pg_catalog.pg_auth_members m
+          JOIN pg_catalog.pg_roles g ON g.oid = m.roleid
+         WHERE m.member = (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname = CURRENT_USER)
+           AND pg_catalog.pg_has_role(CURRENT_USER, m.roleid, 'USAGE')
+    ) s;
+    IF why IS NOT NULL THEN
+        RAISE EXCEPTION 'pg-heartbeat refuses to run with the rights of %, a privileged role (%)', CURRENT_USER, why
             USING ERRCODE = '42501',
-                  HINT = 'pg-heartbeat''s SECURITY DEFINER functions must be owned by heartbeat_definer: run pg-heartbeat migrate again, or SELECT heartbeat.apply_privileges();';
+                  HINT = 'pg-heartbeat''s SECURITY DEFINER functions must be owned by heartbeat_definer, which must stay unprivileged: run pg-heartbeat migrate again, or SELECT heartbeat.apply_privileges(); and REVOKE what was granted to heartbeat_definer (docs/security.md).';
     END IF;
     IF target IS NULL THEN
         RAISE EXCEPTION 'pg-heartbeat: public.workspace_agents does not exist'

@@ -29,8 +29,9 @@ DROP FUNCTION heartbeat.reject_future(timestamptz, text);  -- replaced by heartb
 --   * heartbeat_definer is not a superuser and has no rights the owner of
 --     public.workspace_agents lacks (role attributes, role memberships) while the
 --     table (or, for a view, its base tables) runs code owned by another role:
---     a trigger, rule, CHECK constraint, index expression, policy or generated
---     column calling a function that is not pg_catalog's.
+--     a trigger, rule, CHECK constraint, index expression, policy, generated
+--     column or CHECK of a column's domain calling a function that is not
+--     pg_catalog's.
 CREATE FUNCTION heartbeat.check_privilege_model()
 RETURNS void
 LANGUAGE plpgsql
@@ -96,6 +97,14 @@ BEGIN
          WHERE rw.ev_class = rels.oid
            AND d.refclassid = 'pg_catalog.pg_class'::regclass
            AND d.refobjid <> rels.oid
+    ), types(typid) AS (
+        -- the columns' types, and what those are built on: a domain's CHECK runs on every assignment
+        SELECT a.atttypid FROM pg_catalog.pg_attribute a, rels
+         WHERE a.attrelid = rels.oid AND a.attnum > 0 AND NOT a.attisdropped
+        UNION
+        SELECT x.typid FROM types, pg_catalog.pg_type t,
+               LATERAL (VALUES (t.typbasetype), (t.typelem)) AS x(typid)
+         WHERE t.oid = types.typid AND x.typid <> 0
     ), attached(classid, objid) AS (
         SELECT 'pg_catalog.pg_trigger'::regclass::oid, t.oid FROM pg_catalog.pg_trigger t, rels
          WHERE t.tgrelid = rels.oid AND NOT t.tgisinternal
@@ -105,6 +114,9 @@ BEGIN
         UNION ALL
         SELECT 'pg_catalog.pg_constraint'::regclass::oid, c.oid FROM pg_catalog.pg_constraint c, rels
          WHERE c.conrelid = rels.oid
+        UNION ALL
+        SELECT 'pg_catalog.pg_constraint'::regclass::oid, c.oid FROM pg_catalog.pg_constraint c, types
+         WHERE c.contypid = types.typid
         UNION ALL
         SELECT 'pg_catalog.pg_class'::regclass::oid, i.indexrelid FROM pg_catalog.pg_index i, rels
          WHERE i.indrelid = rels.oid

@@ -113,8 +113,10 @@ export function toHeartbeatError(err: unknown, doing: string): HeartbeatError {
     });
   }
   if (code === '42501') {
+    // pg-heartbeat's own refusals of an unsafe privilege model carry their hint; granting a role is not the fix
+    const refusal = /^pg-heartbeat (refuses|: SECURITY DEFINER)/.test(describe(err));
     const hint = typeof (e as { hint?: unknown }).hint === 'string' ? (e as { hint: string }).hint : 'grant the role heartbeat_writer';
-    return new PermissionDeniedError(`${text} (${hint})`, {
+    return new PermissionDeniedError(refusal ? `${text} (see docs/security.md)` : `${text} (${hint})`, {
       code: 'PERMISSION_DENIED', sqlState: code, cause: err,
     });
   }

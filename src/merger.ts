@@ -102,10 +102,13 @@ export function startMerger(connection: ConnectionOptions, options: MergerOption
   const intervalMs = durationOption(options.intervalMs, 'intervalMs', DEFAULT_INTERVAL_MS);
   const jitter = fractionOption(options.jitter, 'jitter', DEFAULT_JITTER);
   const logger = safeLogger(toLogger(options.logger));
+  // only checked against each other (the invariant), but range-checked like every option
+  const timingMs = (name: 'heartbeatIntervalMs' | 'flushIntervalMs' | 'inactiveTimeoutMs'): number | undefined =>
+    options[name] === undefined ? undefined : durationOption(options[name], name, 0, 0);
   const timing = checkTimingInvariant({
-    heartbeatIntervalMs: options.heartbeatIntervalMs,
-    flushIntervalMs: options.flushIntervalMs,
-    inactiveTimeoutMs: options.inactiveTimeoutMs,
+    heartbeatIntervalMs: timingMs('heartbeatIntervalMs'),
+    flushIntervalMs: timingMs('flushIntervalMs'),
+    inactiveTimeoutMs: timingMs('inactiveTimeoutMs'),
     mergeIntervalMs: intervalMs * (1 + jitter),
   });
   if (!timing.ok) logger.warn(`merger timing: ${timing.message}`);

@@ -61,7 +61,10 @@ export async function migrate(connection: ConnectionOptions, options: MigrateOpt
     if (options.durableStaging !== undefined && (options.direction ?? 'up') === 'up') {
       await setStagingDurability(client, options.durableStaging);
     }
-    if ((options.direction ?? 'up') === 'up') await warnMergeHazards(client, logger);
+    if ((options.direction ?? 'up') === 'up') {
+      await checkPrivilegeModel(client);
+      await warnMergeHazards(client, logger);
+    }
     return ran.map((m) => m.name);
   } catch (err) {
     if (err instanceof HeartbeatError) throw err;
@@ -140,4 +143,20 @@ async function warnMergeHazards(client: pg.ClientBase, logger: Logger): Promise<
       { kind: r.kind, table: r.rel, name: r.name },
     );
   }
+}
+
+/**
+ * Refuses an unsafe privilege model on every run, also when no migration was
+ * pending: heartbeat.check_privilege_model() (sql/015) raises when a SECURITY
+ * DEFINER function is not owned by heartbeat_definer, or heartbeat_definer has
+ * rights the owner of public.workspace_agents lacks while that table runs other
+ * roles' code. Skipped before migration 015, and for a role that may not run the
+ * check (only the schema's owner may: an application that migrates at startup
+ * with a role that has nothing left to migrate is not stopped by it).
+ */
+async function checkPrivilegeModel(client: pg.ClientBase): Promise<void> {
+  const { rows } = await client.query<{ can: boolean | null }>(
+    "SELECT has_function_privilege(to_regprocedure('heartbeat.check_privilege_model()'), 'EXECUTE') AS can",
+  );
+  if (rows[0]?.can) await client.query('SELECT heartbeat.check_privilege_model()');
 }

@@ -10,7 +10,9 @@ import { toLogger, type Logger } from './logger.ts';
 import { countOption, durationOption, functionOption } from './options.ts';
 import { Retained } from './retained.ts';
 import { callHook, safeLogger } from './safe-logger.ts';
-import { type AgentDisconnect, type AgentUpdate, canonicalUuid, checkDisconnect, combine, earliest, type Snapshot, toSnapshot } from './update.ts';
+import {
+  type AgentDisconnect, type AgentUpdate, canonicalUuid, checkDisconnect, checkReplicaDisconnectTimes, combine, earliest, type Snapshot, toSnapshot,
+} from './update.ts';
 
 export interface StagerOptions {
   /**
@@ -252,9 +254,10 @@ export class HeartbeatStager {
   async disconnectReplica(replicaId: string, at: { disconnectedAt?: Date; updatedAt?: Date } = {}): Promise<number> {
     if (this.#closed) throw new ClosedError('HeartbeatStager');
     const replica = canonicalUuid(replicaId, 'replicaId');
+    const times = checkReplicaDisconnectTimes(at);
     const now = new Date();
     const d = checkDisconnect(
-      { agentId: replica, disconnectedAt: at.disconnectedAt ?? now, updatedAt: at.updatedAt ?? at.disconnectedAt ?? now },
+      { agentId: replica, disconnectedAt: times.disconnectedAt ?? now, updatedAt: times.updatedAt ?? times.disconnectedAt ?? now },
       this.#maxClockSkewMs,
     );
     await this.flush();

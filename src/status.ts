@@ -184,9 +184,14 @@ export interface AgentStatus {
   updatedAt: Date;
 }
 
-/** A timestamp column as epoch microseconds, or NULL when it is not finite (an 'infinity' already in the table). */
+/**
+ * A timestamp column as epoch microseconds, or NULL when a Date cannot hold it: not finite (an
+ * 'infinity' already in the table), or after 275760-09-13 (a year-294276 value: its microseconds
+ * since 1970 do not even fit in an int8, which failed the whole call for every agent).
+ */
 const finiteUs = (column: string): string =>
-  `CASE WHEN isfinite(${column}) THEN (extract(epoch FROM ${column}) * 1000000)::int8::text END AS ${column}_us`;
+  `CASE WHEN isfinite(${column}) AND ${column} < '275760-09-13 00:00:00.001+00'::timestamptz ` +
+  `THEN (extract(epoch FROM ${column}) * 1000000)::int8::text END AS ${column}_us`;
 const AGENT_STATUS_SQL = `SELECT agent_id::text AS agent_id, status, ${finiteUs('first_connected_at')}, ${finiteUs('last_connected_at')},
        ${finiteUs('disconnected_at')}, last_connected_replica_id::text AS last_connected_replica_id, ${finiteUs('updated_at')}
   FROM heartbeat.agent_status(make_interval(secs => $1::float8 / 1000), $2::uuid[])`;

@@ -54,7 +54,6 @@ const DISCONNECT_FIELDS = new Set([
 export const MIN_TIMESTAMP_MS = Date.UTC(1970, 0, 1);
 
 const hasOwn = Object.prototype.hasOwnProperty;
-const toTag = Object.prototype.toString;
 const getTime = Date.prototype.getTime;
 
 /**
@@ -62,11 +61,25 @@ const getTime = Date.prototype.getTime;
  * a getter that throws becomes an {@link InvalidUpdateError} for that field.
  */
 function own(obj: object, field: string): unknown {
-  if (!hasOwn.call(obj, field)) return undefined;
   try {
+    // inside the try: a Proxy's getOwnPropertyDescriptor trap runs here and may throw too
+    if (!hasOwn.call(obj, field)) return undefined;
     return (obj as Record<string, unknown>)[field];
   } catch (err) {
-    throw new InvalidUpdateError(field, `could not be read (${err instanceof Error ? err.message : String(err)})`);
+    throw new InvalidUpdateError(field, `could not be read (${describeThrown(err)})`);
+  }
+}
+
+/**
+ * What was thrown, as text, without ever throwing itself (a thrown Proxy or an
+ * object whose toString throws must not escape as a raw error).
+ */
+function describeThrown(err: unknown): string {
+  try {
+    const text = err instanceof Error ? err.message : String(err);
+    return text.length > 200 ? `${text.slice(0, 200)}…` : text;
+  } catch {
+    return 'an unprintable value';
   }
 }
 
@@ -105,21 +118,29 @@ export function canonicalUuid(value: unknown, field: string): string {
   throw new InvalidUpdateError(field, `must be a uuid like 0b4a2c3e-5f67-4d89-a1b2-c3d4e5f60718, got ${JSON.stringify(value.slice(0, 60))}`);
 }
 
+/** True for a real Date. Date.prototype.getTime checks the internal slot: it runs no Proxy trap, getter or toStringTag. */
+function isRealDate(value: object): boolean {
+  try {
+    getTime.call(value);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
 function typeName(value: unknown): string {
   if (value === null) return 'null';
-  if (typeof value === 'object' && toTag.call(value) === '[object Date]') return 'Date';
+  if (typeof value === 'object' && isRealDate(value)) return 'Date';
   return typeof value;
 }
 
 /** The time of a real Date (not a look-alike or a Proxy around one), or an {@link InvalidUpdateError}. */
 function dateMs(value: unknown, field: string): number {
-  if (typeof value !== 'object' || value === null || toTag.call(value) !== '[object Date]') {
-    throw new InvalidUpdateError(field, `must be a Date, got ${typeName(value)}`);
-  }
+  if (typeof value !== 'object' || value === null) throw new InvalidUpdateError(field, `must be a Date, got ${typeName(value)}`);
   try {
     return getTime.call(value);
   } catch {
-    throw new InvalidUpdateError(field, 'must be a Date, got an object that only looks like one');
+    throw new InvalidUpdateError(field, 'must be a Date, got an object that only looks like one (a look-alike, or a Proxy around a Date)');
   }
 }
 
@@ -154,7 +175,7 @@ export function toSnapshot(update: AgentUpdate, maxSkewMs: number, now = Date.no
   } catch (err) {
     // a Proxy's ownKeys/has traps may throw anything
     if (err instanceof InvalidUpdateError) throw err;
-    throw new InvalidUpdateError('update', `could not be read (${err instanceof Error ? err.message : String(err)})`);
+    throw new InvalidUpdateError('update', `could not be read (${describeThrown(err)})`);
   }
   const maxMs = now + maxSkewMs;
   const replica = own(update, 'lastConnectedReplicaId');
@@ -183,7 +204,7 @@ export function checkDisconnect(d: AgentDisconnect, maxSkewMs: number, now = Dat
     checkFields(d, DISCONNECT_FIELDS);
   } catch (err) {
     if (err instanceof InvalidUpdateError) throw err;
-    throw new InvalidUpdateError('disconnect', `could not be read (${err instanceof Error ? err.message : String(err)})`);
+    throw new InvalidUpdateError('disconnect', `could not be read (${describeThrown(err)})`);
   }
   const maxMs = now + maxSkewMs;
   const replicaId = own(d, 'replicaId');
@@ -195,6 +216,26 @@ export function checkDisconnect(d: AgentDisconnect, maxSkewMs: number, now = Dat
     first: time(own(d, 'firstConnectedAt'), 'firstConnectedAt', maxMs, false),
     last: time(own(d, 'lastConnectedAt'), 'lastConnectedAt', maxMs, false),
   };
+}
+
+const REPLICA_DISCONNECT_FIELDS = new Set(['disconnectedAt', 'updatedAt']);
+
+/**
+ * The `at` argument of disconnectReplica(): its own fields only (a polluted
+ * Object.prototype fills nothing), unknown fields rejected like stage() does;
+ * the times themselves are validated by {@link checkDisconnect}.
+ */
+export function checkReplicaDisconnectTimes(at: unknown): { disconnectedAt?: Date; updatedAt?: Date } {
+  if (at === null || typeof at !== 'object') throw new InvalidUpdateError('at', `must be an object, got ${typeName(at)}`);
+  try {
+    checkFields(at, REPLICA_DISCONNECT_FIELDS);
+  } catch (err) {
+    if (err instanceof InvalidUpdateError) throw err;
+    throw new InvalidUpdateError('at', `could not be read (${describeThrown(err)})`);
+  }
+  const disconnectedAt = own(at, 'disconnectedAt') ?? undefined;
+  const updatedAt = own(at, 'updatedAt') ?? undefined;
+  return { disconnectedAt: disconnectedAt as Date | undefined, updatedAt: updatedAt as Date | undefined };
 }
 
 /** NULL-last descending order on a nullable time: positive when a ranks before b. */

@@ -22,25 +22,26 @@ import { agentRow, createAgents, createTestDb, stagedCount, withDatabase, type T
 const WRITER_ROUTINES = new Set([
   'merge_agent_connections(integer,interval,text)',
   'merge_staging_part(integer,integer,interval,text)',
-  'staging_epoch()',
   'disconnect_agent(uuid,timestamp with time zone,timestamp with time zone,uuid,timestamp with time zone,timestamp with time zone)',
   'disconnect_replica(uuid,timestamp with time zone,timestamp with time zone)',
+  'staging_epoch()',
   'merge_status()',
   'part_status()',
+  'agent_status(interval,uuid[])',
+  'merge_loop(interval,interval)',
+  // read-only helpers the status functions (which run with the caller's rights) call
   'staging_parts()',
   'clock_horizon()',
   'valid_time(timestamp with time zone,timestamp with time zone)',
-  'agent_status(interval,uuid[])',
-  'merge_loop(interval,interval)',
 ]);
 /**
- * What heartbeat_writer may do to relations of the heartbeat and public schemas: COPY into
- * staging, and read pg-heartbeat's own tables (status runs with the caller's rights).
+ * What heartbeat_writer may do to relations of the heartbeat and public schemas: INSERT (COPY)
+ * into staging, and read pg-heartbeat's own tables (status runs with the caller's rights, sql/014).
  */
 const WRITER_TABLE_PRIVILEGES = new Set([
-  'heartbeat.agent_connection_staging:INSERT', 'heartbeat.agent_connection_staging:SELECT', 'heartbeat.status:SELECT',
-  'heartbeat.merge_state:SELECT', 'heartbeat.merge_skips:SELECT', 'heartbeat.staging_epoch:SELECT',
-  'heartbeat.dead_letters:SELECT', 'heartbeat.settings:SELECT', 'heartbeat.cron_state:SELECT',
+  'heartbeat.agent_connection_staging:INSERT',
+  ...['agent_connection_staging', 'merge_state', 'merge_skips', 'staging_epoch', 'dead_letters', 'settings', 'status'].map((t) => `heartbeat.${t}:SELECT`),
+  'heartbeat.cron_state:SELECT', // merge_loop (run with the caller's rights) reads whether it was unscheduled
 ]);
 
 let db: TestDb;
@@ -109,6 +110,10 @@ describe('a member of heartbeat_writer', () => {
       ['UPDATE heartbeat.merge_state SET merges_total = 0', []],
       ['DELETE FROM heartbeat.dead_letters', []],
       ['UPDATE heartbeat.settings SET max_clock_skew = \'100 years\'', []],
+      ['UPDATE heartbeat.settings SET max_rows_per_merge = 1', []],
+      ['SELECT heartbeat.apply_privileges()', []],
+      ['SELECT heartbeat.check_privilege_model()', []],
+      ['SET ROLE heartbeat_definer', []],
       ['SELECT * FROM heartbeat.migrations', []],
       ['CREATE TABLE heartbeat.mine (x int)', []],
       ['CREATE FUNCTION heartbeat.mine() RETURNS int LANGUAGE sql AS $$ SELECT 1 $$', []],
@@ -163,6 +168,37 @@ describe('a member of heartbeat_writer', () => {
       "SELECT has_schema_privilege($1, 'heartbeat', 'CREATE') AS create", [app],
     );
     assert.equal(schemaPriv[0]!.create, false);
+  });
+});
+
+describe('a member of heartbeat_reader', () => {
+  test('reads status and agent_status(), and can neither merge, disconnect, stage nor touch the staging epoch', async () => {
+    const reader = `hb_reader_${randomUUID().slice(0, 8)}`;
+    await db.pool.query(`CREATE ROLE ${pg.escapeIdentifier(reader)} LOGIN IN ROLE heartbeat_reader`);
+    const pool = new pg.Pool({ connectionString: urlAs(reader), max: 1 });
+    pool.on('error', () => {});
+    try {
+      await pool.query('SELECT * FROM heartbeat.status');
+      await pool.query('SELECT * FROM heartbeat.part_status()');
+      await pool.query('SELECT * FROM heartbeat.agent_status()');
+      const refused: string[] = [];
+      for (const sql of [
+        'SELECT * FROM heartbeat.merge_agent_connections()',
+        'SELECT * FROM heartbeat.merge_staging_part(0)',
+        'SELECT * FROM heartbeat.staging_epoch()',
+        `SELECT heartbeat.disconnect_agent('${randomUUID()}', now(), now())`,
+        `SELECT heartbeat.disconnect_replica('${randomUUID()}', now(), now())`,
+        `INSERT INTO heartbeat.agent_connection_staging (agent_id, updated_at) VALUES ('${randomUUID()}', now())`,
+        "CALL heartbeat.merge_loop(interval '1 second', interval '0')",
+      ]) {
+        const code = await sqlState(pool, sql);
+        if (code !== '42501') refused.push(`${sql} -> ${code ?? 'succeeded'}`);
+      }
+      assert.deepEqual(refused, [], 'every write is refused with 42501');
+    } finally {
+      await pool.end();
+      await db.pool.query(`DROP ROLE ${pg.escapeIdentifier(reader)}`);
+    }
   });
 });
 
