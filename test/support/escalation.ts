@@ -81,8 +81,12 @@ interface Attack {
   remove: string;
   /** Entry points through which the planted code runs (as heartbeat_definer). */
   runsOn: ReadonlySet<Entry>;
-  /** What a merge does with a snapshot when the code cannot run inside it (a rule: 0A000). */
-  mergeDeadLetters?: string;
+  /**
+   * When PostgreSQL refuses the merge's statement because of what is on the table (a DO ALSO
+   * rule: 0A000): every merge fails loudly with this SQLSTATE and the snapshots stay staged
+   * (nothing dead-lettered: it is not one bad row, it is the table).
+   */
+  mergeFails?: string;
   /** Entry points that fail (with this SQLSTATE) because of what the application did to its table. */
   fails?: Partial<Record<Entry, string>>;
 }
@@ -113,11 +117,12 @@ const ATTACKS: Attack[] = [
     fn: 'public.pwn(text)',
     plant: "CREATE RULE pwn AS ON UPDATE TO public.workspace_agents DO ALSO SELECT public.pwn('rule');",
     remove: 'DROP RULE pwn ON public.workspace_agents;',
-    // PostgreSQL refuses DO ALSO rules on a statement with WITH: disconnect_replica fails (0A000), the
-    // merge (an UPDATE inside WITH) dead-letters its snapshots; only disconnect_agent's plain UPDATE runs it
+    // PostgreSQL refuses DO ALSO rules on a statement with WITH: disconnect_replica and the merge (an
+    // UPDATE inside WITH) fail (0A000), the merge keeping its snapshots staged; only disconnect_agent's
+    // plain UPDATE runs it
     runsOn: new Set<Entry>(['disconnect_agent']),
-    mergeDeadLetters: '0A000',
-    fails: { disconnect_replica: '0A000' },
+    mergeFails: '0A000',
+    fails: { disconnect_replica: '0A000', 'merge (app, mergeNow)': '0A000', 'merge (superuser, startMerger)': '0A000' },
   },
   {
     kind: 'index expression (a falsely IMMUTABLE function)',
@@ -356,21 +361,23 @@ export function escalationSuite(path: InstallPath): void {
               await stager.flush();
               const r = await mergeNow(appPool);
               assert.equal(r.rowsConsumed, 1);
-              if (attack.mergeDeadLetters) assert.equal(r.deadLettered, 1);
-              else assert.equal(r.agentsUpdated, 1);
+              assert.equal(r.agentsUpdated, 1);
             },
             'merge (superuser, startMerger)': async () => {
               stager.stage({ agentId: d, lastConnectedAt: at(4), updatedAt: at(4) });
               await stager.flush();
               let consumed = 0;
+              const errors: Error[] = [];
               const merger = startMerger({ connectionString: url }, {
                 intervalMs: 100, jitter: 0, logger: silentLogger, onMerge: (r) => void (consumed += r.rowsConsumed),
+                onError: (err) => void errors.push(err),
               });
               try {
-                await waitFor(() => consumed >= 1, 'the superuser\'s merger to consume the staged row');
+                await waitFor(() => consumed >= 1 || errors.length > 0, 'the superuser\'s merger to consume the staged row');
               } finally {
                 await merger.close();
               }
+              if (consumed === 0) throw errors[0];
             },
             agent_status: async () => {
               const asApp = await agentStatus(appPool, { agentIds: [a, b, c, d] });
@@ -408,12 +415,12 @@ export function escalationSuite(path: InstallPath): void {
         );
         const row = (await su.query('SELECT updated_at, disconnected_at FROM public.workspace_agents WHERE id = $1', [c])).rows[0];
         const replicaDisconnected = !attack.fails?.disconnect_replica;
-        assert.deepEqual(row.updated_at, attack.mergeDeadLetters ? (replicaDisconnected ? at(2) : at(0)) : at(3),
-          'the merge applied the heartbeat (or dead-lettered it)');
-        if (attack.mergeDeadLetters) {
-          const { rows: dead } = await su.query('SELECT DISTINCT sqlstate FROM heartbeat.dead_letters WHERE agent_id = ANY($1::uuid[])', [[c, d]]);
-          assert.deepEqual(dead, [{ sqlstate: attack.mergeDeadLetters }]);
-          await su.query('DELETE FROM heartbeat.dead_letters');
+        assert.deepEqual(row.updated_at, attack.mergeFails ? (replicaDisconnected ? at(2) : at(0)) : at(3),
+          'the merge applied the heartbeat (or failed and kept it staged)');
+        if (attack.mergeFails) {
+          const { rows: staged } = await su.query('SELECT agent_id::text FROM heartbeat.agent_connection_staging ORDER BY 1');
+          assert.deepEqual(staged.map((r) => r.agent_id), [c, d].sort(), 'the snapshots wait in staging; nothing lost');
+          await su.query('DELETE FROM heartbeat.agent_connection_staging');
         }
       });
     }
