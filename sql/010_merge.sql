@@ -94,11 +94,13 @@ BEGIN
                                ('BYPASSRLS', r.rolbypassrls), ('REPLICATION', r.rolreplication)) AS a(attr, has)
          WHERE r.rolname = CURRENT_USER AND a.has
         UNION ALL
-        SELECT 'privileges of ' || pg_catalog.quote_ident(g.rolname)
+        -- any membership, inherited or not: up to PostgreSQL 15, code running here could still
+        -- SET ROLE to a role it is a NOINHERIT member of (and write server files as
+        -- pg_write_server_files); heartbeat_definer is a member of no role
+        SELECT 'member of ' || pg_catalog.quote_ident(g.rolname)
           FROM pg_catalog.pg_auth_members m
           JOIN pg_catalog.pg_roles g ON g.oid = m.roleid
          WHERE m.member = (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname = CURRENT_USER)
-           AND pg_catalog.pg_has_role(CURRENT_USER, m.roleid, 'USAGE')
     ) s;
     IF why IS NOT NULL THEN
         RAISE EXCEPTION 'pg-heartbeat refuses to run with the rights of %, a privileged role (%)', CURRENT_USER, why

@@ -75,11 +75,12 @@ BEGIN
                                ('BYPASSRLS', d.rolbypassrls, o.rolbypassrls)) AS a(attr, def, own)
          WHERE d.oid = definer AND o.oid = owner_oid AND a.def AND NOT a.own
         UNION ALL
+        -- any membership (NOINHERIT too: SET ROLE reaches it), unless the owner has it as well
         SELECT 'member of ' || r.rolname
           FROM pg_catalog.pg_roles r
          WHERE r.oid <> definer
-           AND pg_catalog.pg_has_role(definer, r.oid, 'USAGE')
-           AND NOT pg_catalog.pg_has_role(owner_oid, r.oid, 'USAGE')
+           AND pg_catalog.pg_has_role(definer, r.oid, 'MEMBER')
+           AND NOT pg_catalog.pg_has_role(owner_oid, r.oid, 'MEMBER')
     ) s;
     IF extra IS NULL THEN
         RETURN;
