@@ -10,7 +10,8 @@
 --     client's TimeoutError): never blocked for good by a transaction that holds
 --     a row (or a merge held open by someone);
 --   * disconnect_replica locks its rows in id order and retries a deadlock (with
---     a merge, which never waits for it either), and leaves alone an agent whose
+--     a merge, which never waits for it either) or a lock timeout (up to 5 attempts,
+--     each waiting at most lock_timeout), and leaves alone an agent whose
 --     newer connection through another replica is already staged but not merged
 --     yet: a reconnect elsewhere is never undone.
 SET LOCAL lock_timeout = '10s';
@@ -135,7 +136,9 @@ BEGIN
                AND wa.updated_at < $3;
             GET DIAGNOSTICS n = ROW_COUNT;
             RETURN n;
-        EXCEPTION WHEN deadlock_detected THEN
+        EXCEPTION WHEN deadlock_detected OR lock_not_available THEN
+            -- a deadlock, or a row a merge held past lock_timeout (a large merge on a busy
+            -- server): this attempt rolled back; try again, at most 5 times in all
             IF attempt = 5 THEN
                 RAISE;
             END IF;

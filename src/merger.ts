@@ -95,6 +95,8 @@ export interface Merger extends AsyncDisposable {
 }
 
 const DEFAULT_INTERVAL_MS = 5_000;
+/** The fewest staged rows per statement the merger goes down to after statement timeouts. */
+const MIN_ROWS_PER_STATEMENT = 1_000;
 const DEFAULT_JITTER = 0.1;
 
 /** Starts the merge loop; the first merge runs after one (jittered) interval. */
@@ -151,6 +153,8 @@ class MergeLoop implements Merger {
   #fanOut = false;
   /** The lock episode last warned about (holder pid and since when), so each is warned once. */
   #warnedLock: string | undefined;
+  /** Staged rows per statement: the maxRows option, halved each time the server's statement_timeout cuts one off. */
+  #maxRows: number | null;
 
   constructor(
     private readonly pool: pg.Pool,
@@ -159,6 +163,7 @@ class MergeLoop implements Merger {
     private readonly config: LoopConfig,
   ) {
     setMaxListeners(0, this.#abort.signal); // every merge in flight listens to it
+    this.#maxRows = config.maxRows;
     this.#schedule();
   }
 
@@ -316,11 +321,36 @@ class MergeLoop implements Merger {
   }
 
   async #statement(args: { part: number | null; minIntervalMs: number | null }): Promise<MergeResult> {
-    return withClient(
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await withClient(
+          this.pool,
+          (client) => mergeStatement(client, this.pool, { maxRows: this.#maxRows, merger: this.#id, ...args }),
+          { deadlineMs: this.config.queryTimeoutMs, what: 'merge', signal: this.#abort.signal },
+        );
+      } catch (err) {
+        // the server's statement_timeout cut a merge statement short (a large backlog on a busy
+        // server): it rolled back, nothing lost; merge fewer rows per statement from now on
+        if ((err as { code?: unknown }).code !== '57014' || attempt > 3 || this.#stopping) throw err;
+        const before = this.#maxRows ?? (await this.#defaultMaxRows());
+        this.#maxRows = Math.max(MIN_ROWS_PER_STATEMENT, Math.floor(before / 2));
+        if (this.#maxRows === before) throw err;
+        this.logger.warn(
+          `a merge statement hit the server's statement_timeout; this merger now merges at most ${this.#maxRows} staged rows per statement`,
+          { maxRows: this.#maxRows },
+        );
+      }
+    }
+  }
+
+  /** heartbeat.settings.max_rows_per_merge (what a merge with no maxRows uses). */
+  async #defaultMaxRows(): Promise<number> {
+    const rows = await withClient(
       this.pool,
-      (client) => mergeStatement(client, this.pool, { maxRows: this.config.maxRows, merger: this.#id, ...args }),
-      { deadlineMs: this.config.queryTimeoutMs, what: 'merge', signal: this.#abort.signal },
+      async (client) => (await client.query<{ n: number }>('SELECT max_rows_per_merge AS n FROM heartbeat.settings')).rows,
+      { deadlineMs: this.config.queryTimeoutMs, what: 'reading heartbeat.settings', signal: this.#abort.signal },
     );
+    return rows[0]?.n ?? 50_000;
   }
 
   /** A part lock taken for longer than an interval (a merge held open in someone's transaction?) is a warning, once. */

@@ -286,3 +286,34 @@ describe('the timing invariant', () => {
     assert.match(warned[0]!.message, /heartbeat interval 25000 ms .* inactive timeout 30000 ms/);
   });
 });
+
+describe('statement_timeout shorter than a merge statement', () => {
+  test('the merger halves its rows per statement (warning once per halving) and drains without a failed tick', async () => {
+    const tight = await createTestDb('merger_tight');
+    try {
+      await tight.pool.query(
+        `INSERT INTO public.workspace_agents (id, updated_at) SELECT gen_random_uuid(), now() - interval '1 hour' FROM generate_series(1, 200000);
+         INSERT INTO heartbeat.agent_connection_staging (agent_id, last_connected_at, updated_at) SELECT id, now(), now() FROM public.workspace_agents`,
+      );
+      // one statement of 50,000 rows per part takes longer than this here; a few thousand do not
+      await tight.pool.query(`ALTER DATABASE ${pg.escapeIdentifier(tight.name)} SET statement_timeout = '120ms'`);
+      const warnings: string[] = [];
+      const errors: HeartbeatError[] = [];
+      const logger: Logger = { ...silentLogger, warn: (m) => void warnings.push(m) };
+      const merger = startMerger({ connectionString: tight.url }, { intervalMs: 100, jitter: 0, logger, onError: (e) => void errors.push(e) });
+      try {
+        const until = Date.now() + 60_000;
+        while ((await stagedCount(tight.pool)) > 0 && Date.now() < until) await new Promise((r) => setTimeout(r, 100));
+      } finally {
+        await merger.close();
+      }
+      assert.equal(await stagedCount(tight.pool), 0, 'drained');
+      assert.ok(warnings.some((w) => /statement_timeout; this merger now merges at most \d+ staged rows per statement/.test(w)), warnings.join('\n'));
+      assert.deepEqual(errors.map(String), [], 'no failed tick');
+      const { rows } = await tight.pool.query("SELECT count(*)::int AS n FROM public.workspace_agents WHERE last_connected_at IS NOT NULL");
+      assert.equal(rows[0].n, 200_000, 'every agent merged');
+    } finally {
+      await tight.drop();
+    }
+  });
+});

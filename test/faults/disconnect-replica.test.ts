@@ -136,7 +136,7 @@ describe('merge vs disconnect_replica', () => {
         }
         // every agent still on A was disconnected by a call
         const stillOnA = [...after.values()].filter((r) => r.replica === A && connected(r));
-        assert.equal(stillOnA.length, 0, `round ${round}: ${stillOnA.length} agents still connected through A`);
+        assert.equal(stillOnA.length, 0, `round ${round}: ${stillOnA.length} agents still connected through A; disconnect_replica errors: ${disconnectErrors.map(String).join('; ')}`);
         if (violations.length) break;
       }
     } finally {

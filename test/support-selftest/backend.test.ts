@@ -99,7 +99,7 @@ describe('killBackend / waitForRecovery', () => {
     assert.equal(await postmasterStart(after.client), startedAt, 'same postmaster: a crash-restart cycle, not a restart');
 
     const log = cluster!.log();
-    assert.match(log, new RegExp(`server process \\(PID ${pid}\\) was terminated by signal 9`));
+    assert.match(log, new RegExp(`(server process|client backend) \\(PID ${pid}\\) was terminated by signal 9`));
     assert.match(log, /all server processes terminated; reinitializing/);
     assert.match(log, /database system was not properly shut down; automatic recovery in progress/);
 
