@@ -331,7 +331,7 @@ class MergeLoop implements Merger {
       } catch (err) {
         // the server's statement_timeout cut a merge statement short (a large backlog on a busy
         // server): it rolled back, nothing lost; merge fewer rows per statement from now on
-        if ((err as { code?: unknown }).code !== '57014' || attempt > 3 || this.#stopping) throw err;
+        if ((err as { code?: unknown }).code !== '57014' || attempt > 8 || this.#stopping) throw err;
         const before = this.#maxRows ?? (await this.#defaultMaxRows());
         this.#maxRows = Math.max(MIN_ROWS_PER_STATEMENT, Math.floor(before / 2));
         if (this.#maxRows === before) throw err;
