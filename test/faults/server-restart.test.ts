@@ -125,7 +125,11 @@ describe('PostgreSQL restarted or crashed mid-run', () => {
     assert.ok(stager.stats().resentAgents >= half, `resent ${stager.stats().resentAgents} of ${half}`);
     assert.ok(log.calls.some((c) => c.level === 'warn' && /staging was reset .* resending/.test(c.message)), 'the reset is reported');
     assert.ok(stager.stats().failedCopies >= 1, 'the COPY during the outage is counted');
-    assert.ok(log.calls.some((c) => c.level === 'info' && /recovered/.test(c.message)), 'recovery is reported');
+    // the background retry reports its recovery when it had reported failures (it may not have
+    // run during the outage at all: then the flush() above was the only failed COPY)
+    if (log.calls.some((c) => c.level === 'warn' && /retrying in/.test(c.message))) {
+      assert.ok(log.calls.some((c) => c.level === 'info' && /recovered/.test(c.message)), 'recovery is reported');
+    }
     await stager.close();
     await mergePool.end();
     assert.deepEqual(env.crashes, [], 'no unhandled rejection or exception');
