@@ -61,7 +61,14 @@ describe('heartbeat_writer', () => {
     await denied('SELECT heartbeat.set_staging_parts(2)');
     await denied('SELECT heartbeat.apply_privileges()');
     await denied('SELECT heartbeat.retry_dead_letters()');
-    await denied('SELECT * FROM heartbeat.merge_part(0, $1, 10, NULL, now(), NULL)', ['agent_connection_staging_p0']);
+    await denied('SELECT * FROM heartbeat.merge_part(0, $1, 10, NULL, now(), NULL, now(), NULL, now())', ['agent_connection_staging_p0']);
+    await denied("INSERT INTO heartbeat.status_events VALUES (1, gen_random_uuid(), 'a', 'b', 'c', now(), now(), now())");
+    await denied('DELETE FROM heartbeat.status_events');
+    await denied("INSERT INTO heartbeat.status_events_pending (agent_id, from_status, to_status, reason, at) VALUES (gen_random_uuid(), 'a', 'b', 'c', now())");
+    await denied('UPDATE heartbeat.event_state SET purged_through = 0');
+    await denied('SELECT heartbeat.publish_events()');
+    await denied('SELECT heartbeat.sweep_events(true)');
+    await denied("SELECT setval('heartbeat.status_event_id', 1)");
     await denied('SET ROLE heartbeat_definer');
     await denied('TRUNCATE heartbeat.agent_connection_staging');
     await denied('UPDATE heartbeat.merge_state SET merges_total = 0');
@@ -94,6 +101,7 @@ describe('heartbeat_writer', () => {
        ORDER BY 1`);
     assert.deepEqual(rows.map((r) => r.proname), [
       'agent_status', 'disconnect_agent', 'disconnect_replica', 'merge_agent_connections', 'merge_staging_part', 'staging_epoch',
+      'sweep_status',
     ]);
     for (const r of rows) {
       assert.ok((r.proconfig as string[]).includes('search_path=pg_catalog, pg_temp'), `${r.proname}: ${r.proconfig}`);
