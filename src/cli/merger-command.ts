@@ -2,7 +2,7 @@ import pg from 'pg';
 import { consoleLogger } from '../logger.ts';
 import { mergeNow } from '../merge.ts';
 import { startMerger, type MergeReport } from '../merger.ts';
-import { startMetrics, type RunningMetrics } from './metrics-option.ts';
+import { requirePromClient, startMetrics, type RunningMetrics } from './metrics-option.ts';
 import { type Command, UsageError } from './command.ts';
 
 /** A non-negative integer option, or `fallback` when absent. */
@@ -66,6 +66,7 @@ export const mergerCommand: Command = {
     const metricsPort = portOption(ctx.values['metrics-port']);
     const metricsHost = ctx.values['metrics-host'];
     if (metricsHost !== undefined && metricsPort === undefined) throw new UsageError('--metrics-host needs --metrics-port');
+    if (metricsPort !== undefined) await requirePromClient(); // before the first merge: a missing prom-client is one line at once
     // with metrics, a second connection: a scrape's status read never waits behind a merge
     const pool = new pg.Pool({
       ...ctx.database().config, max: metricsPort === undefined ? 1 : 2, application_name: 'pg-heartbeat merger', connectionTimeoutMillis: 10_000,

@@ -11,13 +11,17 @@ export interface RunningMetrics {
   close(): Promise<void>;
 }
 
-export async function startMetrics(options: { merger: Merger; pool: pg.Pool; port: number; host: string | undefined }): Promise<RunningMetrics> {
-  let prom: typeof import('prom-client');
+/** prom-client, or a one-line MetricsUnavailableError (npm install prom-client): checked before anything else starts. */
+export async function requirePromClient(): Promise<typeof import('prom-client')> {
   try {
-    prom = await import('prom-client');
+    return await import('prom-client');
   } catch (err) {
-    throw new MetricsUnavailableError(err); // one line: npm install prom-client
+    throw new MetricsUnavailableError(err);
   }
+}
+
+export async function startMetrics(options: { merger: Merger; pool: pg.Pool; port: number; host: string | undefined }): Promise<RunningMetrics> {
+  const prom = await requirePromClient();
   const registry = new prom.Registry();
   const metrics = await registerHeartbeatMetrics(registry, { merger: options.merger, database: { pool: options.pool }, logger: consoleLogger });
   prom.collectDefaultMetrics({ register: registry }); // process_cpu_seconds_total, nodejs_heap_size_used_bytes, ...
