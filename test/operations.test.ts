@@ -15,6 +15,7 @@ import { runCli, type Run } from './support/cli-process.ts';
 import { freePort } from './support/cluster.ts';
 import { adminQuery, createAgents, createTestDb, type TestDb } from './support/db.ts';
 import { scrape, servedNames } from './support/prometheus.ts';
+import { waitFor } from './support/wait.ts';
 
 const DASHBOARD = 'operations/grafana/pg-heartbeat.dashboard.json';
 const COLLECTOR_DIR = 'operations/sql_exporter';
@@ -87,7 +88,7 @@ describe('the Grafana dashboard', () => {
       stager.stage({ agentId: id!, lastConnectedAt: new Date(), updatedAt: new Date() });
       await stager.flush();
       const start = merger.stats().merges;
-      while (merger.stats().merges <= start) await new Promise((r) => setTimeout(r, 50));
+      await waitFor(() => merger.stats().merges > start, 'a merge', 30_000);
       const served = servedNames(await scrape(server.url));
       const exprs = dashboardExprs();
       const used = new Set(exprs.flatMap((e) => promqlMetricNames(e.expr)));
