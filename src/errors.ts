@@ -48,6 +48,20 @@ export class InvalidOptionError extends HeartbeatError {
   }
 }
 
+/**
+ * Metrics were asked for but the optional peer dependency `prom-client` is not installed
+ * (`npm install prom-client`). Nothing else of pg-heartbeat needs it.
+ */
+export class MetricsUnavailableError extends HeartbeatError {
+  override readonly name = 'MetricsUnavailableError';
+
+  constructor(cause: unknown) {
+    super('pg-heartbeat: metrics need the optional peer dependency prom-client, which is not installed: npm install prom-client', {
+      code: 'METRICS_UNAVAILABLE', cause,
+    });
+  }
+}
+
 /** A failure reported by PostgreSQL or the connection to it. */
 export class DatabaseError extends HeartbeatError {
   override readonly name: string = 'DatabaseError';

@@ -5,6 +5,15 @@ export { startMerger, type Merger, type MergerOptions, type MergeReport, type Me
 export { checkTimingInvariant, TIMING_DEFAULTS, type TimingCheck, type TimingOptions } from './invariant.ts';
 export { scheduleMerge, unscheduleMerge, type MergeJob, type ScheduleOptions } from './schedule.ts';
 export { readStatus, agentStatus, type MergeStatus, type PartStatus, type AgentStatus, type AgentConnectionStatus } from './status.ts';
+export {
+  registerHeartbeatMetrics,
+  HEARTBEAT_METRICS,
+  type HeartbeatMetrics,
+  type HeartbeatMetricsOptions,
+  type MetricDefinition,
+  type MetricsRegistry,
+} from './metrics.ts';
+export { serveMetrics, type MetricsServer, type MetricsServerOptions, type MetricsSource } from './metrics-server.ts';
 export { assertSessionConnection, TransactionPoolerError } from './pooler.ts';
 export type { ConnectionOptions } from './connection.ts';
 export type { AgentDisconnect, AgentUpdate } from './update.ts';
@@ -26,6 +35,7 @@ export {
   HeartbeatError,
   InvalidOptionError,
   InvalidUpdateError,
+  MetricsUnavailableError,
   MigrationsMissingError,
   PermissionDeniedError,
   TimeoutError,

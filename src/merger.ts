@@ -21,6 +21,7 @@ import { toHeartbeatError, type HeartbeatError } from './errors.ts';
 import { checkTimingInvariant, type TimingOptions } from './invariant.ts';
 import { toLogger, type Logger } from './logger.ts';
 import { addMergeResults, emptyMergeResult, mergeStatement, sweepStatement, type MergeResult } from './merge.ts';
+import { notify } from './observers.ts';
 import { countOption, durationOption, fractionOption, functionOption } from './options.ts';
 import { callHook, safeLogger } from './safe-logger.ts';
 
@@ -83,6 +84,14 @@ export interface MergerStats {
   statusEvents: number;
   /** Sweeps (heartbeat.sweep_status(), after each merge) that failed; the next tick sweeps again. */
   sweepFailures: number;
+  /** Agents whose row the merges updated since start. */
+  agentsUpdated: number;
+  /** Staged rows skipped since start: older than the agent's row (stale), no such agent (unknown), invalid values. */
+  skippedStale: number;
+  skippedUnknown: number;
+  skippedInvalid: number;
+  /** Staged rows left for a later merge because the agent's row was locked, since start. */
+  deferredLocked: number;
 }
 
 export interface Merger extends AsyncDisposable {
@@ -145,7 +154,8 @@ interface LoopConfig {
 
 class MergeLoop implements Merger {
   readonly #stats: MergerStats = {
-    merges: 0, skippedConcurrent: 0, skippedRecent: 0, failures: 0, consecutiveFailures: 0, rowsConsumed: 0, deadLettered: 0, statusEvents: 0, sweepFailures: 0,
+    merges: 0, skippedConcurrent: 0, skippedRecent: 0, failures: 0, consecutiveFailures: 0, rowsConsumed: 0, deadLettered: 0,
+    agentsUpdated: 0, skippedStale: 0, skippedUnknown: 0, skippedInvalid: 0, deferredLocked: 0, statusEvents: 0, sweepFailures: 0,
   };
   readonly #abort = new AbortController();
   /** Who this merger is, to the database: it skips parts other mergers merged just now, never for its own merges. */
@@ -254,6 +264,11 @@ class MergeLoop implements Merger {
     this.#stats.consecutiveFailures = 0;
     this.#stats.rowsConsumed += result.rowsConsumed;
     this.#stats.deadLettered += result.deadLettered;
+    this.#stats.agentsUpdated += result.agentsUpdated;
+    this.#stats.skippedStale += result.skippedStale;
+    this.#stats.skippedUnknown += result.skippedUnknown;
+    this.#stats.skippedInvalid += result.skippedInvalid;
+    this.#stats.deferredLocked += result.deferredLocked;
     if (result.partsMerged > 0) this.#stats.merges++;
     else if (result.partsSkippedConcurrent > 0) this.#stats.skippedConcurrent++;
     else this.#stats.skippedRecent++;
@@ -278,6 +293,7 @@ class MergeLoop implements Merger {
     } else {
       this.logger.debug('merge skipped: every part was merged elsewhere', { durationMs });
     }
+    notify(this, { kind: 'merge', report });
     callHook(this.config.onMerge, report, 'onMerge', this.logger);
     return result.more;
   }

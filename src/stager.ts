@@ -8,6 +8,7 @@ import { encodeCopy } from './copy-encoder.ts';
 import { ClosedError, type HeartbeatError, toHeartbeatError } from './errors.ts';
 import { toLogger, type Logger } from './logger.ts';
 import { countOption, durationOption, functionOption } from './options.ts';
+import { notify } from './observers.ts';
 import { Retained } from './retained.ts';
 import { callHook, safeLogger } from './safe-logger.ts';
 import {
@@ -429,6 +430,7 @@ export class HeartbeatStager {
       this.#stats.rowsCopied += chunk.size;
       this.#stats.lastCopyDurationMs = durationMs;
       this.#retained?.add(chunk);
+      notify(this, { kind: 'copy', rows: chunk.size, durationMs });
       callHook(this.#onFlush, { rows: chunk.size, durationMs }, 'onFlush', this.#logger);
     }
     if (this.#pending.size >= this.#maxBatchSize && this.#failures === 0) this.#kick();

@@ -106,12 +106,12 @@ function lastMergeOf(r: Row): PartStatus['lastMerge'] {
 /**
  * Reads heartbeat.status and heartbeat.part_status(). When pg_cron lives in
  * another database, also looks up the merge job there (with the same
- * credentials; `scheduled` stays null if that fails). Fails with a
- * TimeoutError after `timeoutMs` (default 10 000).
+ * credentials; `scheduled` stays null if that fails; `lookUpCron: false` skips
+ * that). Fails with a TimeoutError after `timeoutMs` (default 10 000).
  */
 export async function readStatus(
   connection: ConnectionOptions,
-  options: { logger?: Logger; timeoutMs?: number } = {},
+  options: { logger?: Logger; timeoutMs?: number; lookUpCron?: boolean } = {},
 ): Promise<MergeStatus> {
   const logger = safeLogger(toLogger(options.logger));
   const timeoutMs = durationOption(options.timeoutMs, 'timeoutMs', 10_000);
@@ -152,7 +152,7 @@ export async function readStatus(
       return s;
     }, { deadlineMs: timeoutMs, what: 'read heartbeat.status' });
     const { database, ...result } = status;
-    if (result.cron.database !== null && (result.cron.database !== database || result.cron.scheduled === null)) {
+    if (options.lookUpCron !== false && result.cron.database !== null && (result.cron.database !== database || result.cron.scheduled === null)) {
       // the job lives in pg_cron's database (or cron.job was not readable by the status function): look as the caller
       const jobName = result.cron.database === database ? 'pg-heartbeat-merge' : `pg-heartbeat-merge-${database}`;
       result.cron.jobName = jobName;

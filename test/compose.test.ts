@@ -13,7 +13,10 @@ import pg from 'pg';
 import { parse } from 'yaml';
 import { silentLogger } from '../src/logger.ts';
 import { migrate } from '../src/migrate.ts';
+import { startCli } from './support/cli-process.ts';
 import { type Cluster, startCluster } from './support/cluster.ts';
+import { createTestDb } from './support/db.ts';
+import { scrape, value } from './support/prometheus.ts';
 
 interface Service {
   build?: { context: string; dockerfile: string };
@@ -22,7 +25,7 @@ interface Service {
   environment?: Record<string, string>;
   ports?: string[];
   volumes?: string[];
-  healthcheck?: { test: string[] };
+  healthcheck?: { test: string[]; timeout?: string };
   depends_on?: Record<string, { condition: string }>;
   restart?: string;
   profiles?: string[];
@@ -32,7 +35,7 @@ const compose = parse(readFileSync('docker-compose.yml', 'utf8'), { merge: true 
   services: Record<string, Service>;
   volumes?: Record<string, unknown>;
 };
-const { postgres, migrate: migrateService, demo } = compose.services as Record<string, Service | undefined>;
+const { postgres, migrate: migrateService, demo, merger } = compose.services as Record<string, Service | undefined>;
 
 /** `-c name=value` pairs of a postgres command line. */
 function settingsOf(command: string[]): Record<string, string> {
@@ -47,8 +50,8 @@ function settingsOf(command: string[]): Record<string, string> {
 }
 
 describe('docker-compose.yml', () => {
-  test('has the postgres, migrate and demo services', () => {
-    assert.ok(postgres && migrateService && demo, `services: ${Object.keys(compose.services).join(', ')}`);
+  test('has the postgres, migrate, merger and demo services', () => {
+    assert.ok(postgres && migrateService && merger && demo, `services: ${Object.keys(compose.services).join(', ')}`);
   });
 
   test('postgres: pg_cron preloaded in the database it creates, port 5432 published, healthcheck, data volume', () => {
@@ -99,6 +102,73 @@ describe('docker-compose.yml', () => {
     assert.match(text, /^FROM node:20\b/m);
     for (const dir of ['src', 'sql', 'migrations']) assert.match(text, new RegExp(`COPY ${dir} \\./${dir}`));
     assert.ok(existsSync(`${b.dockerfile}.dockerignore`), 'a Dockerfile-specific .dockerignore keeps node_modules out of the context');
+  });
+});
+
+describe('the merger service', () => {
+  /** The healthcheck's CLI arguments (after `node <bin>`). */
+  const healthArgs = (): string[] => {
+    const t = merger!.healthcheck!.test;
+    const pkg = JSON.parse(readFileSync('package.json', 'utf8')) as { bin: Record<string, string> };
+    assert.deepEqual(t.slice(0, 3), ['CMD', 'node', pkg.bin['pg-heartbeat']!.replace(/^\.\//, '')], 'runs the image\'s CLI');
+    return t.slice(3);
+  };
+
+  test('a long-running `pg-heartbeat merger` with /metrics on 0.0.0.0 inside, published on the host\'s 127.0.0.1 only', () => {
+    const m = merger!;
+    assert.ok(m, 'a merger service');
+    assert.equal(m.command?.[0], 'merger');
+    const cmd = m.command!;
+    const port = cmd[cmd.indexOf('--metrics-port') + 1];
+    assert.equal(port, '9187');
+    assert.equal(cmd[cmd.indexOf('--metrics-host') + 1], '0.0.0.0', 'in a container 127.0.0.1 is the container itself');
+    assert.deepEqual(m.ports, [`127.0.0.1:${port}:${port}`]);
+    assert.equal(m.restart, 'unless-stopped');
+    assert.deepEqual(m.depends_on?.migrate, { condition: 'service_completed_successfully' });
+    assert.equal(m.image, migrateService!.image);
+    assert.equal(m.environment?.DATABASE_URL, migrateService!.environment?.DATABASE_URL);
+    const args = healthArgs();
+    assert.deepEqual(args.slice(0, 2), ['status', '--check']);
+    const timeout = args[args.indexOf('--timeout') + 1]!;
+    assert.ok(parseFloat(timeout) < parseFloat(m.healthcheck!.timeout!), `--timeout ${timeout} is inside the healthcheck's timeout ${m.healthcheck!.timeout}`);
+    assert.match(readFileSync('docs/docker.md', 'utf8'), /docker compose up -d merger/);
+  });
+
+  test('the image has prom-client and everything it needs (copied from the build stage)', () => {
+    const text = readFileSync(join(migrateService!.build!.context, migrateService!.build!.dockerfile), 'utf8');
+    const needed = new Set<string>();
+    const visit = (name: string): void => {
+      if (needed.has(name)) return;
+      needed.add(name);
+      const pkg = JSON.parse(readFileSync(`node_modules/${name}/package.json`, 'utf8')) as { dependencies?: Record<string, string> };
+      for (const dep of Object.keys(pkg.dependencies ?? {})) visit(dep);
+    };
+    visit('prom-client');
+    for (const name of needed) assert.match(text, new RegExp(`COPY --from=build /app/node_modules/${name} \\./node_modules/${name}\\n`), `${name} is copied`);
+  });
+
+  test('its command serves /metrics and its healthcheck says healthy, against a real database', async () => {
+    const db = await createTestDb('compose_merger');
+    const cmd = merger!.command!.map((a, i, all) => (all[i - 1] === '--metrics-port' ? '0' : a)); // any free port here
+    const run = startCli(cmd, { DATABASE_URL: db.url });
+    try {
+      const url = await (async () => {
+        for (const deadline = Date.now() + 60_000; Date.now() < deadline; await new Promise((r) => setTimeout(r, 50))) {
+          const m = /serving metrics on http:\/\/0\.0\.0\.0:(\d+)\/metrics/.exec(run.stdout());
+          if (m) return `http://127.0.0.1:${m[1]}/metrics`;
+          if (run.child.exitCode !== null) break;
+        }
+        throw new Error(`no metrics URL: ${run.stdout()} ${run.stderr()}`);
+      })();
+      assert.equal(value(await scrape(url), 'pg_heartbeat_status_up'), 1);
+      const health = await startCli(healthArgs(), { DATABASE_URL: db.url }).done;
+      assert.equal(health.code, 0, health.stderr);
+      assert.match(health.stdout, /^healthy: /);
+    } finally {
+      run.child.kill('SIGTERM');
+      await run.done;
+      await db.drop();
+    }
   });
 });
 

@@ -118,7 +118,8 @@ describe('npm pack → npm install <tarball> in an empty project', () => {
     writeFileSync(join(app, 'app.ts'), `
       import pg from 'pg';
       import {
-        HeartbeatStager, mergeNow, migrate, startMerger, readStatus, agentStatus, toLogger, HeartbeatError,
+        HeartbeatStager, mergeNow, migrate, startMerger, readStatus, agentStatus, toLogger, HeartbeatError, registerHeartbeatMetrics,
+        type MetricsRegistry,
         type MergeResult, type StagerOptions, type Logger, type AgentUpdate, type MergeStatus, type ConnectionOptions,
       } from 'pg-heartbeat';
 
@@ -138,6 +139,10 @@ describe('npm pack → npm install <tarball> in an empty project', () => {
         await merger.stop();
         const statuses = await agentStatus(pool, { agentIds: [update.agentId] });
         console.log(merged.agentsUpdated, status.stagedRows, statuses.length);
+        // the metrics' types compile without prom-client installed
+        const registry: MetricsRegistry = { registerMetric() {}, removeSingleMetric() {} };
+        const metrics = await registerHeartbeatMetrics(registry, { merger, stager });
+        console.log(metrics.names.length);
         // @ts-expect-error: stage() takes Dates, not strings, where times belong
         stager.stage({ agentId: update.agentId, updatedAt: '2026-01-01' });
       }
@@ -145,6 +150,26 @@ describe('npm pack → npm install <tarball> in an empty project', () => {
     `);
     const tsc = await exec(join(app, 'node_modules', '.bin', 'tsc'), ['-p', '.'], { cwd: app, env: userEnv() }).catch((err: { stdout: string }) => err);
     assert.equal((tsc as { stdout: string }).stdout, '', 'tsc reports nothing');
+  });
+
+  test('prom-client is an optional peer: not installed, and metrics say how to get it (the CLI too)', async () => {
+    const pkg = JSON.parse(readFileSync(join(app, 'node_modules', 'pg-heartbeat', 'package.json'), 'utf8')) as {
+      dependencies: Record<string, string>; peerDependencies?: Record<string, string>; peerDependenciesMeta?: Record<string, { optional?: boolean }>;
+    };
+    assert.equal(pkg.dependencies['prom-client'], undefined, 'not a dependency');
+    assert.ok(pkg.peerDependencies?.['prom-client'] && pkg.peerDependenciesMeta?.['prom-client']?.optional === true, 'an optional peer');
+    assert.ok(!existsSync(join(app, 'node_modules', 'prom-client')), 'npm install did not bring prom-client');
+    const check = `
+      import { registerHeartbeatMetrics, MetricsUnavailableError } from 'pg-heartbeat';
+      try { await registerHeartbeatMetrics({ registerMetric() {}, removeSingleMetric() {} }); console.log('registered?!'); }
+      catch (err) { console.log(err instanceof MetricsUnavailableError, err.message); }
+    `;
+    const { stdout } = await exec(process.execPath, ['--input-type=module', '-e', check], { cwd: app, env: userEnv() });
+    assert.equal(stdout, 'true pg-heartbeat: metrics need the optional peer dependency prom-client, which is not installed: npm install prom-client\n');
+    const cli = await exec('npx', ['--no-install', 'pg-heartbeat', 'merger', '--metrics-port', '0'], { cwd: app, env: { ...userEnv(), DATABASE_URL: db.url } })
+      .catch((err: { code: number; stderr: string }) => err);
+    assert.equal((cli as { code: number }).code, 1);
+    assert.match((cli as { stderr: string }).stderr.trim().split('\n').at(-1)!, /^pg-heartbeat merger: .*npm install prom-client$/);
   });
 
   test('npx pg-heartbeat --version and --help', async () => {

@@ -2,13 +2,22 @@ import pg from 'pg';
 import { consoleLogger } from '../logger.ts';
 import { mergeNow } from '../merge.ts';
 import { startMerger, type MergeReport } from '../merger.ts';
-import type { Command } from './command.ts';
+import { requirePromClient, startMetrics, type RunningMetrics } from './metrics-option.ts';
+import { type Command, UsageError } from './command.ts';
 
 /** A non-negative integer option, or `fallback` when absent. */
 export function msOption(value: string | boolean | undefined, name: string, fallback: number | undefined): number | undefined {
   if (value === undefined || typeof value === 'boolean') return fallback;
   const n = Number(value);
   if (!Number.isInteger(n) || n <= 0) throw new Error(`--${name} must be a positive whole number of milliseconds, not ${JSON.stringify(value)}`);
+  return n;
+}
+
+/** A TCP port option (0 to 65535), or undefined when absent. */
+export function portOption(value: string | boolean | undefined): number | undefined {
+  if (value === undefined || typeof value === 'boolean') return undefined;
+  const n = Number(value);
+  if (value.trim() === '' || !Number.isInteger(n) || n < 0 || n > 65535) throw new UsageError(`--metrics-port must be a TCP port from 0 to 65535, not ${JSON.stringify(value)}`);
   return n;
 }
 
@@ -30,18 +39,22 @@ export function mergeLine(r: Omit<MergeReport, 'parallel'>): string {
 export const mergerCommand: Command = {
   name: 'merger',
   summary: 'run the merge every few seconds in the foreground (safe in every replica) until Ctrl-C or SIGTERM',
-  usage: '[--interval-ms 5000] [--heartbeat-interval-ms 15000] [--flush-interval-ms 2000] [--inactive-timeout-ms 30000]',
+  usage: '[--interval-ms 5000] [--heartbeat-interval-ms 15000] [--flush-interval-ms 2000] [--inactive-timeout-ms 30000] [--metrics-port 9187 [--metrics-host 127.0.0.1]]',
   help: {
     'interval-ms': 'time between merges (default 5000)',
     'heartbeat-interval-ms': 'the agents\' heartbeat interval, for the timing check (default 15000)',
     'flush-interval-ms': 'the stager\'s flush interval, for the timing check (default 2000)',
     'inactive-timeout-ms': 'agent_status()\'s inactive timeout, for the timing check (default 30000)',
+    'metrics-port': 'serve Prometheus metrics on http://HOST:PORT/metrics (0: a free port; needs prom-client installed)',
+    'metrics-host': 'the address /metrics listens on (default 127.0.0.1; 0.0.0.0 in a container)',
   },
   options: {
     'interval-ms': { type: 'string' },
     'heartbeat-interval-ms': { type: 'string' },
     'flush-interval-ms': { type: 'string' },
     'inactive-timeout-ms': { type: 'string' },
+    'metrics-port': { type: 'string' },
+    'metrics-host': { type: 'string' },
   },
   async run(ctx) {
     const intervalMs = msOption(ctx.values['interval-ms'], 'interval-ms', 5000)!;
@@ -50,8 +63,16 @@ export const mergerCommand: Command = {
       flushIntervalMs: msOption(ctx.values['flush-interval-ms'], 'flush-interval-ms', undefined),
       inactiveTimeoutMs: msOption(ctx.values['inactive-timeout-ms'], 'inactive-timeout-ms', undefined),
     };
-    const pool = new pg.Pool({ ...ctx.database().config, max: 1, application_name: 'pg-heartbeat merger', connectionTimeoutMillis: 10_000 });
+    const metricsPort = portOption(ctx.values['metrics-port']);
+    const metricsHost = ctx.values['metrics-host'];
+    if (metricsHost !== undefined && metricsPort === undefined) throw new UsageError('--metrics-host needs --metrics-port');
+    if (metricsPort !== undefined) await requirePromClient(); // before the first merge: a missing prom-client is one line at once
+    // with metrics, a second connection: a scrape's status read never waits behind a merge
+    const pool = new pg.Pool({
+      ...ctx.database().config, max: metricsPort === undefined ? 1 : 2, application_name: 'pg-heartbeat merger', connectionTimeoutMillis: 10_000,
+    });
     pool.on('error', () => {});
+    let metrics: RunningMetrics | undefined;
     try {
       // the first merge runs now, so a bad database fails here with one line
       const t0 = performance.now();
@@ -60,6 +81,15 @@ export const mergerCommand: Command = {
       ctx.out(mergeLine({ ...first, startedAt, durationMs: Math.round(performance.now() - t0) }));
       // startMerger warns on stderr when the timing invariant is broken, and logs failed merges there
       const merger = startMerger({ pool }, { intervalMs, ...timing, logger: consoleLogger, onMerge: (r) => ctx.out(mergeLine(r)) });
+      if (metricsPort !== undefined) {
+        try {
+          metrics = await startMetrics({ merger, pool, port: metricsPort, host: typeof metricsHost === 'string' ? metricsHost : undefined });
+        } catch (err) {
+          await merger.close();
+          throw err;
+        }
+        ctx.out(`serving metrics on ${metrics.url}`);
+      }
       const keepAlive = setInterval(() => {}, 1 << 30);
       const signal = await new Promise<string>((resolve) => {
         process.once('SIGINT', () => resolve('SIGINT'));
@@ -67,6 +97,7 @@ export const mergerCommand: Command = {
       });
       clearInterval(keepAlive);
       ctx.out(`${signal}: stopping after the merge in progress`);
+      await metrics?.close();
       await merger.stop();
       const s = merger.stats();
       ctx.out(`stopped: ${s.merges} merge(s), ${s.skippedConcurrent} skipped (another merge running), ${s.failures} failed`);

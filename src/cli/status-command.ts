@@ -1,6 +1,7 @@
 import { consoleLogger } from '../logger.ts';
 import { readStatus, type MergeStatus } from '../status.ts';
-import { type Command, withPool } from './command.ts';
+import { type Command, UsageError, withPool } from './command.ts';
+import { runHealthCheck } from './health-check.ts';
 
 const seconds = (ms: number): string => (ms < 1000 ? `${Math.round(ms)} ms` : `${(ms / 1000).toFixed(1)} s`);
 
@@ -41,10 +42,20 @@ export function statusTable(s: MergeStatus): string[] {
 export const statusCommand: Command = {
   name: 'status',
   summary: 'show heartbeat.status: staged rows, merge lag, the last merge, the pg_cron job',
-  usage: '[--json]',
-  help: { json: 'print the status as JSON' },
-  options: { json: { type: 'boolean' } },
+  usage: '[--json] | --check [--max-lag 30s] [--timeout 5s]',
+  help: {
+    json: 'print the status as JSON',
+    check: 'health check: exit 0 healthy, 1 when the last merge or the oldest staged row is older than --max-lag, 2 when the database cannot be reached; one line',
+    'max-lag': 'with --check: the bound, e.g. 30s, 500ms, 2m (default 30s)',
+    timeout: 'with --check: connect and read deadline (default 5s)',
+  },
+  options: { json: { type: 'boolean' }, check: { type: 'boolean' }, 'max-lag': { type: 'string' }, timeout: { type: 'string' } },
   async run(ctx) {
+    if (ctx.values.check) {
+      if (ctx.values.json) throw new UsageError('--check and --json do not go together');
+      return runHealthCheck(ctx);
+    }
+    if (ctx.values['max-lag'] !== undefined || ctx.values.timeout !== undefined) throw new UsageError('--max-lag and --timeout go with --check');
     const status = await withPool(ctx.database(), 'pg-heartbeat status', (conn) => readStatus(conn, { logger: consoleLogger }));
     if (ctx.values.json) ctx.out(JSON.stringify(status));
     else for (const line of statusTable(status)) ctx.out(line);
