@@ -96,6 +96,8 @@ export const HEARTBEAT_METRICS: readonly MetricDefinition[] = [
   c('merger', 'pg_heartbeat_merger_rows_skipped_total', 'Staged rows the merges skipped: older than the agent\'s row (stale), no such agent (unknown), invalid values.', ['reason']),
   c('merger', 'pg_heartbeat_merger_rows_deferred_total', 'Staged rows left for a later merge because the agent\'s row was locked.'),
   c('merger', 'pg_heartbeat_merger_rows_dead_lettered_total', 'Staged snapshots that could not be applied and were moved to heartbeat.dead_letters.'),
+  c('merger', 'pg_heartbeat_merger_status_events_total', 'Status changes (heartbeat.status_events) recorded by this merger\'s merges and sweeps.'),
+  c('merger', 'pg_heartbeat_merger_sweep_failures_total', 'Failed heartbeat.sweep_status() calls after a merge (the next tick sweeps again; time-based status events come later).'),
   h('merger', 'pg_heartbeat_merger_merge_duration_seconds', 'Duration of merge ticks that merged at least one part, round trips included.'),
   g('database', 'pg_heartbeat_status_up', 'Whether the last read of heartbeat.status succeeded within its deadline (1) or not (0).'),
   g('database', 'pg_heartbeat_staging_rows', 'Rows waiting in each part of staging.', ['part']),
@@ -265,6 +267,8 @@ export async function registerHeartbeatMetrics(registry: MetricsRegistry, option
       });
       counter('pg_heartbeat_merger_rows_deferred_total', () => one(m().deferredLocked));
       counter('pg_heartbeat_merger_rows_dead_lettered_total', () => one(m().deadLettered));
+      counter('pg_heartbeat_merger_status_events_total', () => one(m().statusEvents));
+      counter('pg_heartbeat_merger_sweep_failures_total', () => one(m().sweepFailures));
       const mergeDuration = histogram('pg_heartbeat_merger_merge_duration_seconds', MERGE_BUCKETS);
       unobserve.push(observe(merger, (o) => {
         if (o.kind === 'merge' && o.report.partsMerged > 0) mergeDuration.observe(o.report.durationMs / 1000);
