@@ -52,7 +52,10 @@ ALTER TABLE heartbeat.settings
 
 -- The status of an agent's row at instant `at`: the one definition, used by
 -- agent_status(), the merge, the direct writes and the sweep. A plain SQL
--- expression (inlined). A last_connected_at beyond `horizon` is no evidence of life.
+-- expression, inlined into the statements that use it: STABLE, not IMMUTABLE,
+-- because timestamptz - interval is STABLE (PostgreSQL does not inline an
+-- IMMUTABLE function whose body is not). A last_connected_at beyond `horizon` is
+-- no evidence of life.
 CREATE FUNCTION heartbeat.status_at(
     first_connected_at          timestamptz,
     last_connected_at           timestamptz,
@@ -64,7 +67,7 @@ CREATE FUNCTION heartbeat.status_at(
     horizon                     timestamptz
 ) RETURNS text
 LANGUAGE sql
-IMMUTABLE
+STABLE
 PARALLEL SAFE
 AS $status_at$
     SELECT CASE
@@ -112,7 +115,7 @@ CREATE FUNCTION heartbeat.event_at(
     created_at timestamptz, connection_timeout_seconds integer, inactive_timeout interval, seen_at timestamptz
 ) RETURNS timestamptz
 LANGUAGE sql
-IMMUTABLE
+STABLE
 PARALLEL SAFE
 AS $event_at$
     SELECT CASE
