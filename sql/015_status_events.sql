@@ -63,7 +63,7 @@ CREATE FUNCTION heartbeat.status_at(
     created_at                  timestamptz,
     connection_timeout_seconds  integer,
     at                          timestamptz,
-    inactive_timeout            interval,
+    stale_before                timestamptz,   -- at - the inactive timeout
     horizon                     timestamptz
 ) RETURNS text
 LANGUAGE sql
@@ -79,7 +79,7 @@ AS $status_at$
                         THEN 'timeout' ELSE 'connecting' END
                WHEN last_connected_at IS NULL OR disconnected_at OPERATOR(pg_catalog.>=) last_connected_at
                    THEN 'disconnected'
-               WHEN last_connected_at OPERATOR(pg_catalog.<) (at OPERATOR(pg_catalog.-) inactive_timeout)
+               WHEN last_connected_at OPERATOR(pg_catalog.<) stale_before
                    THEN 'disconnected'
                WHEN last_connected_at OPERATOR(pg_catalog.>) horizon
                    THEN 'disconnected'
@@ -87,7 +87,7 @@ AS $status_at$
            END
 $status_at$;
 REVOKE ALL ON FUNCTION heartbeat.status_at(timestamptz, timestamptz, timestamptz, timestamptz, integer,
-                                           timestamptz, interval, timestamptz) FROM PUBLIC;
+                                           timestamptz, timestamptz, timestamptz) FROM PUBLIC;
 
 -- Why an agent went from `from_status` to `to_status`, given its row after the change.
 CREATE FUNCTION heartbeat.event_reason(
@@ -176,7 +176,7 @@ REVOKE ALL ON heartbeat.event_state FROM PUBLIC;
 -- so that a sweep committed after the transaction's snapshot fails it with 40001
 -- instead of recording a transition twice.
 CREATE FUNCTION heartbeat.event_clock(
-    OUT at timestamptz, OUT inactive_timeout interval, OUT horizon timestamptz
+    OUT at timestamptz, OUT inactive_timeout interval, OUT horizon timestamptz, OUT stale_before timestamptz
 )
 LANGUAGE plpgsql
 VOLATILE
@@ -190,6 +190,7 @@ BEGIN
         SELECT e.swept_through, e.swept_timeout INTO at, inactive_timeout FROM heartbeat.event_state e FOR SHARE;
     END IF;
     horizon := at + (SELECT s.max_clock_skew FROM heartbeat.settings s);
+    stale_before := at - inactive_timeout;
 END
 $clock$;
 REVOKE ALL ON FUNCTION heartbeat.event_clock() FROM PUBLIC;
@@ -330,10 +331,11 @@ BEGIN
               FROM public.workspace_agents wa,
                    LATERAL (SELECT heartbeat.status_at(wa.first_connected_at, wa.last_connected_at, wa.disconnected_at,
                                                        wa.created_at, wa.connection_timeout_seconds,
-                                                       st.swept_through, st.swept_timeout, st.swept_through + skew) AS s0,
+                                                       st.swept_through, st.swept_through - st.swept_timeout,
+                                                       st.swept_through + skew) AS s0,
                                    heartbeat.status_at(wa.first_connected_at, wa.last_connected_at, wa.disconnected_at,
                                                        wa.created_at, wa.connection_timeout_seconds,
-                                                       t1, tmo1, t1 + skew) AS s1) a
+                                                       t1, t1 - tmo1, t1 + skew) AS s1) a
              -- what can change with time alone (cheap comparisons first; everything when the timeout changed)
              WHERE (st.swept_timeout <> tmo1
                     OR (wa.first_connected_at IS NULL AND wa.connection_timeout_seconds > 0)

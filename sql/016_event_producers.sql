@@ -31,7 +31,8 @@ VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $record$
 DECLARE
-    n bigint;
+    n           bigint;
+    ev_stale    timestamptz := ev_at - ev_timeout;
 BEGIN
     INSERT INTO heartbeat.status_events_pending (agent_id, from_status, to_status, reason, at)
     SELECT x.id, old_status, x.new_status, x.reason,
@@ -41,7 +42,7 @@ BEGIN
               FROM (SELECT wa.id, wa.last_connected_at, wa.disconnected_at, wa.created_at, wa.connection_timeout_seconds,
                            heartbeat.status_at(wa.first_connected_at, wa.last_connected_at, wa.disconnected_at,
                                                wa.created_at, wa.connection_timeout_seconds,
-                                               ev_at, ev_timeout, ev_horizon) AS new_status
+                                               ev_at, ev_stale, ev_horizon) AS new_status
                       FROM public.workspace_agents wa
                      WHERE wa.id = agent) s
              WHERE s.new_status <> old_status) x;
@@ -103,6 +104,7 @@ DECLARE
     e_state     text;
     e_message   text;
     e_detail    text;
+    ev_stale    timestamptz := ev_at - ev_timeout;   -- 'connected' needs a heartbeat since then
 BEGIN
     agents_updated := 0; skipped_stale := 0; skipped_unknown := 0; deferred_locked := 0; dead_lettered := 0;
     status_events := 0;
@@ -123,7 +125,7 @@ BEGIN
             -- the status before, from the row as locked
             SELECT wa.id, heartbeat.status_at(wa.first_connected_at, wa.last_connected_at, wa.disconnected_at,
                                               wa.created_at, wa.connection_timeout_seconds,
-                                              ev_at, ev_timeout, ev_horizon) AS old_status
+                                              ev_at, ev_stale, ev_horizon) AS old_status
               FROM public.workspace_agents wa
               JOIN targets t ON wa.id = t.agent_id
                FOR NO KEY UPDATE OF wa SKIP LOCKED
@@ -158,7 +160,7 @@ BEGIN
               FROM (SELECT x.*, heartbeat.event_reason(x.old_status, x.new_status, x.last_connected_at, x.disconnected_at) AS reason
                       FROM (SELECT u.*, heartbeat.status_at(u.first_connected_at, u.last_connected_at, u.disconnected_at,
                                                            u.created_at, u.connection_timeout_seconds,
-                                                           ev_at, ev_timeout, ev_horizon) AS new_status
+                                                           ev_at, ev_stale, ev_horizon) AS new_status
                               FROM (SELECT * FROM updated UNION ALL SELECT * FROM earlier_first) u) x
                      WHERE x.old_status <> x.new_status) c
             RETURNING 1
@@ -341,9 +343,9 @@ BEGIN
              WHERE wa.id = n.agent_id
                AND wa.updated_at < n.updated_at
                AND heartbeat.status_at(wa.first_connected_at, wa.last_connected_at, wa.disconnected_at,
-                                       wa.created_at, wa.connection_timeout_seconds, $3, $4, $5)
+                                       wa.created_at, wa.connection_timeout_seconds, $3, $6, $5)
                  = heartbeat.status_at(LEAST(wa.first_connected_at, n.first_connected_at), n.last_connected_at,
-                                       n.disconnected_at, wa.created_at, wa.connection_timeout_seconds, $3, $4, $5)
+                                       n.disconnected_at, wa.created_at, wa.connection_timeout_seconds, $3, $6, $5)
             RETURNING wa.id
         ), counts AS (
             SELECT k.n_consumed, k.n_invalid,
@@ -363,7 +365,7 @@ BEGIN
             -- the rows to change, locked, with their status before (from the row as locked)
             SELECT r.*, (o.updated_at < r.updated_at) AS newer,
                    heartbeat.status_at(o.first_connected_at, o.last_connected_at, o.disconnected_at,
-                                       o.created_at, o.connection_timeout_seconds, $3, $4, $5) AS old_status
+                                       o.created_at, o.connection_timeout_seconds, $3, $6, $5) AS old_status
               FROM rest r
               JOIN public.workspace_agents o ON o.id = r.agent_id
              WHERE o.updated_at < r.updated_at
@@ -383,7 +385,7 @@ BEGIN
              WHERE wa.id = k.agent_id
             RETURNING wa.id, k.newer, k.old_status,
                       heartbeat.status_at(wa.first_connected_at, wa.last_connected_at, wa.disconnected_at,
-                                          wa.created_at, wa.connection_timeout_seconds, $3, $4, $5) AS new_status,
+                                          wa.created_at, wa.connection_timeout_seconds, $3, $6, $5) AS new_status,
                       wa.last_connected_at, wa.disconnected_at, wa.created_at, wa.connection_timeout_seconds
         ), events AS (
             INSERT INTO heartbeat.status_events_pending (agent_id, from_status, to_status, reason, at)
@@ -408,7 +410,7 @@ BEGIN
         $fast$, relname)
           INTO res.rows_consumed, res.skipped_invalid, n_agents, res.agents_updated, res.skipped_unknown,
                res.status_events
-         USING horizon, budget, ev_at, ev_timeout, ev_horizon;
+         USING horizon, budget, ev_at, ev_timeout, ev_horizon, ev_at - ev_timeout;
         res.skipped_stale := n_agents - res.agents_updated - res.skipped_unknown;
     EXCEPTION
         WHEN lock_not_available OR deadlock_detected OR data_exception OR integrity_constraint_violation
@@ -634,7 +636,7 @@ BEGIN
     clk := heartbeat.event_clock();
     -- the row as it is before, locked (at most lock_timeout)
     SELECT heartbeat.status_at(wa.first_connected_at, wa.last_connected_at, wa.disconnected_at, wa.created_at,
-                               wa.connection_timeout_seconds, clk.at, clk.inactive_timeout, clk.horizon)
+                               wa.connection_timeout_seconds, clk.at, clk.stale_before, clk.horizon)
       INTO old_status
       FROM public.workspace_agents wa WHERE wa.id = $1
        FOR NO KEY UPDATE;
@@ -693,7 +695,7 @@ BEGIN
                 SELECT wa.id,
                        heartbeat.status_at(wa.first_connected_at, wa.last_connected_at, wa.disconnected_at,
                                            wa.created_at, wa.connection_timeout_seconds,
-                                           clk.at, clk.inactive_timeout, clk.horizon) AS old_status
+                                           clk.at, clk.stale_before, clk.horizon) AS old_status
                   FROM public.workspace_agents wa
                  WHERE wa.last_connected_replica_id = $1
                    AND wa.last_connected_at IS NOT NULL
@@ -722,7 +724,7 @@ BEGIN
                           wa.connection_timeout_seconds,
                           heartbeat.status_at(wa.first_connected_at, wa.last_connected_at, wa.disconnected_at,
                                               wa.created_at, wa.connection_timeout_seconds,
-                                              clk.at, clk.inactive_timeout, clk.horizon) AS new_status
+                                              clk.at, clk.stale_before, clk.horizon) AS new_status
             ), events AS (
                 INSERT INTO heartbeat.status_events_pending (agent_id, from_status, to_status, reason, at)
                 SELECT x.id, x.old_status, x.new_status, x.reason,
@@ -788,7 +790,7 @@ BEGIN
     RETURN QUERY
     SELECT wa.id,
            heartbeat.status_at(wa.first_connected_at, wa.last_connected_at, wa.disconnected_at, wa.created_at,
-                               wa.connection_timeout_seconds, pg_catalog.now(), $1, horizon),
+                               wa.connection_timeout_seconds, pg_catalog.now(), pg_catalog.now() - $1, horizon),
            wa.first_connected_at, wa.last_connected_at, wa.disconnected_at,
            wa.last_connected_replica_id, wa.updated_at
       FROM public.workspace_agents wa

@@ -63,7 +63,7 @@ BEGIN
     GRANT SELECT, UPDATE ON heartbeat.event_state TO heartbeat_definer;
     GRANT USAGE ON SEQUENCE heartbeat.status_event_id TO heartbeat_definer;
     GRANT EXECUTE ON FUNCTION
-        heartbeat.status_at(timestamptz, timestamptz, timestamptz, timestamptz, integer, timestamptz, interval, timestamptz),
+        heartbeat.status_at(timestamptz, timestamptz, timestamptz, timestamptz, integer, timestamptz, timestamptz, timestamptz),
         heartbeat.event_reason(text, text, timestamptz, timestamptz),
         heartbeat.event_at(text, text, timestamptz, timestamptz, timestamptz, integer, interval, timestamptz),
         heartbeat.event_clock(), heartbeat.publish_events(), heartbeat.purge_events(),
@@ -81,7 +81,7 @@ BEGIN
                               heartbeat.agent_status(interval, uuid[]),
                               heartbeat.status_events_after(bigint, integer), heartbeat.status_events_head(),
                               heartbeat.status_at(timestamptz, timestamptz, timestamptz, timestamptz, integer,
-                                                  timestamptz, interval, timestamptz)
+                                                  timestamptz, timestamptz, timestamptz)
        TO heartbeat_writer, heartbeat_reader;
     -- writers write: COPY into staging, the merge, the disconnects, the staging epoch
     GRANT INSERT ON heartbeat.agent_connection_staging TO heartbeat_writer;

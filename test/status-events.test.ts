@@ -324,7 +324,7 @@ describe('status events', () => {
       assert.ok(events.length > ids.length, `a busy fleet changes status often (${events.length} events)`);
       const { rows } = await db.pool.query<{ id: string; status: string }>(
         `SELECT wa.id, heartbeat.status_at(wa.first_connected_at, wa.last_connected_at, wa.disconnected_at, wa.created_at,
-                                           wa.connection_timeout_seconds, e.swept_through, e.swept_timeout,
+                                           wa.connection_timeout_seconds, e.swept_through, e.swept_through - e.swept_timeout,
                                            e.swept_through + s.max_clock_skew) AS status
            FROM public.workspace_agents wa, heartbeat.event_state e, heartbeat.settings s
           WHERE wa.id = ANY ($1)`,
