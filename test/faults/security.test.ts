@@ -33,6 +33,11 @@ const WRITER_ROUTINES = new Set([
   'staging_parts()',
   'clock_horizon()',
   'valid_time(timestamp with time zone,timestamp with time zone)',
+  // status events (sql/015-017): the sweep, and reading the events
+  'sweep_status()',
+  'status_events_after(bigint,integer)',
+  'status_events_head()',
+  'status_at(timestamp with time zone,timestamp with time zone,timestamp with time zone,timestamp with time zone,integer,timestamp with time zone,timestamp with time zone,timestamp with time zone)',
 ]);
 /**
  * What heartbeat_writer may do to relations of the heartbeat and public schemas: INSERT (COPY)
@@ -40,7 +45,8 @@ const WRITER_ROUTINES = new Set([
  */
 const WRITER_TABLE_PRIVILEGES = new Set([
   'heartbeat.agent_connection_staging:INSERT',
-  ...['agent_connection_staging', 'merge_state', 'merge_skips', 'staging_epoch', 'dead_letters', 'settings', 'status'].map((t) => `heartbeat.${t}:SELECT`),
+  ...['agent_connection_staging', 'merge_state', 'merge_skips', 'staging_epoch', 'dead_letters', 'settings', 'status',
+    'status_events', 'event_state'].map((t) => `heartbeat.${t}:SELECT`),
   'heartbeat.cron_state:SELECT', // merge_loop (run with the caller's rights) reads whether it was unscheduled
 ]);
 

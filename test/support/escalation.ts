@@ -91,8 +91,10 @@ interface Attack {
   fails?: Partial<Record<Entry, string>>;
 }
 
-type Entry = 'disconnect_agent' | 'disconnect_replica' | 'merge (app, mergeNow)' | 'merge (superuser, startMerger)' | 'agent_status';
-const ENTRIES: Entry[] = ['disconnect_agent', 'disconnect_replica', 'merge (app, mergeNow)', 'merge (superuser, startMerger)', 'agent_status'];
+type Entry = 'disconnect_agent' | 'disconnect_replica' | 'merge (app, mergeNow)' | 'merge (superuser, startMerger)' | 'agent_status'
+  | 'sweep_status';
+const ENTRIES: Entry[] = ['disconnect_agent', 'disconnect_replica', 'merge (app, mergeNow)', 'merge (superuser, startMerger)', 'agent_status',
+  'sweep_status'];
 const WRITES = new Set<Entry>(['disconnect_agent', 'disconnect_replica', 'merge (app, mergeNow)', 'merge (superuser, startMerger)']);
 
 const ATTACKS: Attack[] = [
@@ -325,7 +327,7 @@ export function escalationSuite(path: InstallPath): void {
         `SELECT pg_get_userbyid(p.proowner) AS owner, count(*)::int AS n FROM pg_proc p
           WHERE p.pronamespace = 'heartbeat'::regnamespace AND p.prosecdef GROUP BY 1`,
       );
-      assert.deepEqual(rows, [{ owner: 'heartbeat_definer', n: 6 }]);
+      assert.deepEqual(rows, [{ owner: 'heartbeat_definer', n: 7 }]);
       const { rows: definer } = await su.query("SELECT rolcanlogin, rolinherit FROM pg_roles WHERE rolname = 'heartbeat_definer'");
       assert.deepEqual(definer, [{ rolcanlogin: false, rolinherit: false }]);
       const { rows: owner } = await su.query("SELECT pg_get_userbyid(relowner) AS owner FROM pg_class WHERE oid = 'public.workspace_agents'::regclass");
@@ -385,6 +387,16 @@ export function escalationSuite(path: InstallPath): void {
               const asSu = await agentStatus(su, { agentIds: [a, b, c, d] });
               assert.equal(asApp.length, 4);
               assert.deepEqual(asSu, asApp);
+            },
+            // the status sweep reads the whole table, as the application and as the superuser (its merger)
+            sweep_status: async () => {
+              for (const [who, timeout] of [[appPool, '31 seconds'], [su, '30 seconds']] as const) {
+                // a changed inactive timeout makes the sweep evaluate every row (not only the cheap window)
+                await su.query('UPDATE heartbeat.settings SET inactive_timeout = $1', [timeout]);
+                await su.query('UPDATE heartbeat.event_state SET last_sweep_at = NULL');
+                const { rows } = await who.query('SELECT heartbeat.sweep_status() AS n');
+                assert.notEqual(rows[0].n, null, 'the sweep ran');
+              }
             },
           };
           for (const entry of ENTRIES) {
