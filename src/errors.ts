@@ -80,6 +80,31 @@ export class TimeoutError extends DatabaseError {
   override readonly name = 'TimeoutError';
 }
 
+/**
+ * Status events after the id a watcher asked for were already deleted by retention (SQLSTATE HBP01 from
+ * heartbeat.status_events_after()): a consumer that resumes from there has lost events.
+ */
+export class EventsPurgedError extends DatabaseError {
+  override readonly name = 'EventsPurgedError';
+  /** The id the read asked for events after. */
+  readonly afterId: number | undefined;
+  /** The oldest id still retained, when the database said (events from it on can still be read). */
+  readonly oldestRetainedId: number | undefined;
+
+  constructor(message: string, options: { afterId?: number | undefined; oldestRetainedId?: number | undefined; cause?: unknown } = {}) {
+    super(message, { code: 'EVENTS_PURGED', sqlState: 'HBP01', cause: options.cause });
+    this.afterId = options.afterId;
+    this.oldestRetainedId = options.oldestRetainedId;
+  }
+}
+
+/** The first number in `text` after `label` (e.g. "oldest retained id 42"), as a safe integer. */
+function numberAfter(text: string, label: RegExp): number | undefined {
+  const m = new RegExp(`${label.source}\\D{0,20}?(\\d+)`, 'i').exec(text);
+  const n = m ? Number(m[1]) : NaN;
+  return Number.isSafeInteger(n) ? n : undefined;
+}
+
 const CONNECTION_CODES = new Set([
   'ECONNREFUSED', 'ECONNRESET', 'EPIPE', 'ETIMEDOUT', 'ENOTFOUND', 'EAI_AGAIN', 'EHOSTUNREACH', 'ENETUNREACH',
 ]);
@@ -118,6 +143,12 @@ export function toHeartbeatError(err: unknown, doing: string): HeartbeatError {
     const hint = typeof (e as { hint?: unknown }).hint === 'string' ? (e as { hint: string }).hint : 'grant the role heartbeat_writer';
     return new PermissionDeniedError(refusal ? `${text} (see docs/security.md)` : `${text} (${hint})`, {
       code: 'PERMISSION_DENIED', sqlState: code, cause: err,
+    });
+  }
+  if (code === 'HBP01') {
+    const said = [describe(err), (e as { detail?: unknown }).detail, (e as { hint?: unknown }).hint].filter((x) => typeof x === 'string').join(' ');
+    return new EventsPurgedError(`${text} (events were lost to retention: resume from a later id, or from 'now')`, {
+      afterId: numberAfter(said, /after(?: id)?/), oldestRetainedId: numberAfter(said, /oldest(?: retained)?(?: event)?(?: id)?/), cause: err,
     });
   }
   if (code === '57014' || code === '55P03') {

@@ -5,6 +5,14 @@ export { startMerger, type Merger, type MergerOptions, type MergeReport, type Me
 export { checkTimingInvariant, TIMING_DEFAULTS, type TimingCheck, type TimingOptions } from './invariant.ts';
 export { scheduleMerge, unscheduleMerge, type MergeJob, type ScheduleOptions } from './schedule.ts';
 export { readStatus, agentStatus, type MergeStatus, type PartStatus, type AgentStatus, type AgentConnectionStatus } from './status.ts';
+export {
+  watchStatusChanges,
+  type StatusChange,
+  type StatusChangeReason,
+  type StatusWatcher,
+  type WatchOptions,
+  type WatcherStats,
+} from './status-events.ts';
 export { assertSessionConnection, TransactionPoolerError } from './pooler.ts';
 export type { ConnectionOptions } from './connection.ts';
 export type { AgentDisconnect, AgentUpdate } from './update.ts';
@@ -23,6 +31,7 @@ export {
   ClosedError,
   ConnectionError,
   DatabaseError,
+  EventsPurgedError,
   HeartbeatError,
   InvalidOptionError,
   InvalidUpdateError,
