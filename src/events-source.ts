@@ -102,7 +102,6 @@ export class ListenSource implements EventsSource {
       ...this.config,
       keepAlive: true,
       keepAliveInitialDelayMillis: 10_000,
-      connectionTimeoutMillis: timeoutMs,
     });
     this.#client = client;
     this.#broken = undefined;
@@ -124,7 +123,7 @@ export class ListenSource implements EventsSource {
     await this.query('LISTEN pg_heartbeat_status_events', [], 'LISTEN pg_heartbeat_status_events');
   }
 
-  /** client.connect() within `ms` (pg's connectionTimeoutMillis, and a timer of our own in case that does not fire). */
+  /** client.connect() within `ms`: a server that accepts and never answers (a blackhole) is given up on, the socket destroyed. */
   #connect(client: pg.Client, ms: number, signal: AbortSignal): Promise<void> {
     return new Promise((resolve, reject) => {
       let settled = false;
@@ -138,7 +137,7 @@ export class ListenSource implements EventsSource {
         reject(err);
       };
       const onAbort = (): void => finish(new ClosedError('connecting the status events watcher', 'the watcher is closing'));
-      const timer = setTimeout(() => finish(new TimeoutError(`connecting to the database did not finish within ${ms} ms`, { code: 'TIMEOUT' })), ms + 500);
+      const timer = setTimeout(() => finish(new TimeoutError(`connecting to the database did not finish within ${ms} ms`, { code: 'TIMEOUT' })), ms);
       signal.addEventListener('abort', onAbort, { once: true });
       client.connect().then(() => finish(), (e: unknown) => finish(e));
     });

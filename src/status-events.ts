@@ -402,8 +402,8 @@ class Watcher implements StatusWatcher {
     for (let attempt = 1; ; attempt++) {
       try {
         const result = onChange(event);
-        if (result && typeof (result as Promise<void>).then === 'function') await this.#unlessClosed(result as Promise<void>);
-        if (this.#stopping) return; // closed while onChange ran: not counted as handed over
+        // closed while an async onChange ran: it is not waited for, and the event does not count as handed over
+        if (result && typeof (result as Promise<void>).then === 'function' && !(await this.#unlessClosed(result as Promise<void>))) return;
         this.#lastId = event.id;
         this.#stats.delivered++;
         return;
@@ -430,13 +430,12 @@ class Watcher implements StatusWatcher {
     }
   }
 
-  /** Awaits `p`, or stops waiting when the watcher closes (the handler goes on alone). */
-  #unlessClosed(p: Promise<void>): Promise<void> {
-    if (this.#stopping) return Promise.resolve();
+  /** Awaits `p` (true once it resolved), or stops waiting when the watcher closes (false; the handler goes on alone). */
+  #unlessClosed(p: Promise<void>): Promise<boolean> {
     return new Promise((resolve, reject) => {
-      const onAbort = (): void => resolve();
+      const onAbort = (): void => resolve(false);
       this.#abort.signal.addEventListener('abort', onAbort, { once: true });
-      p.then(resolve, reject).finally(() => this.#abort.signal.removeEventListener('abort', onAbort));
+      p.then(() => resolve(true), reject).finally(() => this.#abort.signal.removeEventListener('abort', onAbort));
     });
   }
 
