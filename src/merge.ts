@@ -25,6 +25,11 @@ export interface MergeResult {
   deferredLocked: number;
   /** Snapshots that failed to apply (a constraint, a trigger): moved to heartbeat.dead_letters. */
   deadLettered: number;
+  /**
+   * Status changes recorded in heartbeat.status_events by these merges and by the sweep after
+   * them (first heartbeats, reconnects, inactivity, connection timeouts): see docs/events.md.
+   */
+  statusEvents: number;
   /** True when every part asked for was being merged elsewhere, so this call did nothing. */
   skippedConcurrent: boolean;
   /** Parts of staging asked for. */
@@ -68,6 +73,7 @@ interface MergeRow {
   skipped_invalid: string;
   deferred_locked: string;
   dead_lettered: string;
+  status_events: string;
   skipped_concurrent: boolean;
   parts: number;
   parts_merged: number;
@@ -81,7 +87,7 @@ interface MergeRow {
 
 // times as epoch microseconds: exact whatever the session's DateStyle, TimeZone or extra_float_digits
 const COLUMNS = `rows_consumed, agents_updated, skipped_stale, skipped_unknown, skipped_invalid, deferred_locked,
-  dead_lettered, skipped_concurrent, parts, parts_merged, parts_skipped_concurrent, parts_skipped_recent, parts_more,
+  dead_lettered, status_events, skipped_concurrent, parts, parts_merged, parts_skipped_concurrent, parts_skipped_recent, parts_more,
   more, lock_holder_pid, (extract(epoch FROM lock_busy_since) * 1000000)::int8::text AS lock_busy_since_us`;
 const ALL_SQL = `SELECT ${COLUMNS} FROM heartbeat.merge_agent_connections($1::int4, make_interval(secs => $2::float8 / 1000), $3::text)`;
 const PART_SQL = `SELECT ${COLUMNS} FROM heartbeat.merge_staging_part($4::int4, $1::int4, make_interval(secs => $2::float8 / 1000), $3::text)`;
@@ -90,7 +96,7 @@ const PART_SQL = `SELECT ${COLUMNS} FROM heartbeat.merge_staging_part($4::int4, 
 export function emptyMergeResult(): MergeResult {
   return {
     rowsConsumed: 0, agentsUpdated: 0, skippedStale: 0, skippedUnknown: 0, skippedInvalid: 0, deferredLocked: 0,
-    deadLettered: 0, skippedConcurrent: false, parts: 0, partsMerged: 0, partsSkippedConcurrent: 0,
+    deadLettered: 0, statusEvents: 0, skippedConcurrent: false, parts: 0, partsMerged: 0, partsSkippedConcurrent: 0,
     partsSkippedRecent: 0, partsWithMore: [], more: false, lockHolderPid: null, lockBusySince: null, statements: 0,
   };
 }
@@ -105,6 +111,7 @@ export function toMergeResult(row: MergeRow): MergeResult {
     skippedInvalid: Number(row.skipped_invalid),
     deferredLocked: Number(row.deferred_locked),
     deadLettered: Number(row.dead_lettered),
+    statusEvents: Number(row.status_events),
     skippedConcurrent: row.skipped_concurrent,
     parts: row.parts,
     partsMerged: row.parts_merged,
@@ -130,6 +137,7 @@ export function addMergeResults(a: MergeResult, b: MergeResult): MergeResult {
   a.skippedInvalid += b.skippedInvalid;
   a.deferredLocked += b.deferredLocked;
   a.deadLettered += b.deadLettered;
+  a.statusEvents += b.statusEvents;
   a.partsMerged += b.partsMerged;
   a.partsSkippedConcurrent += b.partsSkippedConcurrent;
   a.partsSkippedRecent += b.partsSkippedRecent;
@@ -145,10 +153,33 @@ export function addMergeResults(a: MergeResult, b: MergeResult): MergeResult {
 const needsReadCommitted = new WeakSet<object>();
 
 /**
- * One merge statement on `client`. The merge needs READ COMMITTED: when the
- * session's default is another level (25001 from the merge), it is run inside
+ * One statement that needs READ COMMITTED (the merge, the sweep): when the
+ * session's default is another level (25001 from the function), it is run inside
  * BEGIN ISOLATION LEVEL READ COMMITTED ... COMMIT, and `key` remembers that.
  */
+export async function readCommittedQuery<R extends pg.QueryResultRow>(
+  client: pg.ClientBase, key: object, sql: string, params: unknown[],
+): Promise<R[]> {
+  if (!needsReadCommitted.has(key)) {
+    try {
+      return (await client.query<R>(sql, params)).rows;
+    } catch (err) {
+      if ((err as { code?: unknown }).code !== '25001' || !/READ COMMITTED/.test(String((err as Error).message))) throw err;
+      needsReadCommitted.add(key);
+    }
+  }
+  await client.query('BEGIN ISOLATION LEVEL READ COMMITTED');
+  try {
+    const { rows } = await client.query<R>(sql, params);
+    await client.query('COMMIT');
+    return rows;
+  } catch (err) {
+    await client.query('ROLLBACK').catch(() => {});
+    throw err;
+  }
+}
+
+/** One merge statement on `client` (READ COMMITTED whatever the session's default). */
 export async function mergeStatement(
   client: pg.ClientBase,
   key: object,
@@ -157,24 +188,20 @@ export async function mergeStatement(
   const sql = args.part === null ? ALL_SQL : PART_SQL;
   const params: unknown[] = [args.maxRows, args.minIntervalMs, args.merger ?? null];
   if (args.part !== null) params.push(args.part);
-  if (!needsReadCommitted.has(key)) {
-    try {
-      const { rows } = await client.query<MergeRow>(sql, params);
-      return toMergeResult(rows[0]!);
-    } catch (err) {
-      if ((err as { code?: unknown }).code !== '25001' || !/READ COMMITTED/.test(String((err as Error).message))) throw err;
-      needsReadCommitted.add(key);
-    }
-  }
-  await client.query('BEGIN ISOLATION LEVEL READ COMMITTED');
-  try {
-    const { rows } = await client.query<MergeRow>(sql, params);
-    await client.query('COMMIT');
-    return toMergeResult(rows[0]!);
-  } catch (err) {
-    await client.query('ROLLBACK').catch(() => {});
-    throw err;
-  }
+  const rows = await readCommittedQuery<MergeRow>(client, key, sql, params);
+  return toMergeResult(rows[0]!);
+}
+
+/**
+ * heartbeat.sweep_status(): records the time-based status changes (inactivity,
+ * connection timeouts) and publishes pending events. Returns the events it
+ * recorded, or null when it skipped (swept less than a second ago, or merges held
+ * the event-state lock: the next sweep catches up).
+ */
+export async function sweepStatement(client: pg.ClientBase, key: object): Promise<number | null> {
+  const rows = await readCommittedQuery<{ n: string | null }>(client, key, 'SELECT heartbeat.sweep_status() AS n', []);
+  const n = rows[0]?.n ?? null;
+  return n === null ? null : Number(n);
 }
 
 /**
@@ -212,8 +239,11 @@ export async function mergeNow(
         total.more = r.more;
         total.skippedConcurrent = total.skippedConcurrent && r.skippedConcurrent;
       }
-      if (!drain || !r.more || performance.now() - started > timeoutMs / 2) return total;
+      if (!drain || !r.more || performance.now() - started > timeoutMs / 2) break;
     }
+    // the time-based status changes, once the backlog is merged (see docs/events.md)
+    if (!total.more) total.statusEvents += (await sweepStatement(client, key)) ?? 0;
+    return total;
   };
 
   try {

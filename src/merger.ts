@@ -20,7 +20,7 @@ import { endPool, resolvePool, withClient, type ConnectionOptions } from './conn
 import { toHeartbeatError, type HeartbeatError } from './errors.ts';
 import { checkTimingInvariant, type TimingOptions } from './invariant.ts';
 import { toLogger, type Logger } from './logger.ts';
-import { addMergeResults, emptyMergeResult, mergeStatement, type MergeResult } from './merge.ts';
+import { addMergeResults, emptyMergeResult, mergeStatement, sweepStatement, type MergeResult } from './merge.ts';
 import { countOption, durationOption, fractionOption, functionOption } from './options.ts';
 import { callHook, safeLogger } from './safe-logger.ts';
 
@@ -79,6 +79,10 @@ export interface MergerStats {
   rowsConsumed: number;
   /** Snapshots moved to heartbeat.dead_letters since start. */
   deadLettered: number;
+  /** Status changes recorded in heartbeat.status_events by this merger's merges and sweeps since start. */
+  statusEvents: number;
+  /** Sweeps (heartbeat.sweep_status(), after each merge) that failed; the next tick sweeps again. */
+  sweepFailures: number;
 }
 
 export interface Merger extends AsyncDisposable {
@@ -141,7 +145,7 @@ interface LoopConfig {
 
 class MergeLoop implements Merger {
   readonly #stats: MergerStats = {
-    merges: 0, skippedConcurrent: 0, skippedRecent: 0, failures: 0, consecutiveFailures: 0, rowsConsumed: 0, deadLettered: 0,
+    merges: 0, skippedConcurrent: 0, skippedRecent: 0, failures: 0, consecutiveFailures: 0, rowsConsumed: 0, deadLettered: 0, statusEvents: 0, sweepFailures: 0,
   };
   readonly #abort = new AbortController();
   /** Who this merger is, to the database: it skips parts other mergers merged just now, never for its own merges. */
@@ -254,6 +258,8 @@ class MergeLoop implements Merger {
     else if (result.partsSkippedConcurrent > 0) this.#stats.skippedConcurrent++;
     else this.#stats.skippedRecent++;
     this.#watchLocks(result);
+    if (!result.more && !this.#stopping) await this.#sweep(result);
+    this.#stats.statusEvents += result.statusEvents;
     if (result.deadLettered > 0) {
       this.logger.warn(`${result.deadLettered} staged snapshot(s) could not be applied and were moved to heartbeat.dead_letters`, {
         deadLettered: result.deadLettered,
@@ -340,6 +346,25 @@ class MergeLoop implements Merger {
           { maxRows: this.#maxRows },
         );
       }
+    }
+  }
+
+  /**
+   * heartbeat.sweep_status() after a merge: the time-based status changes and the publication
+   * of pending events. Its failure is logged and counted, never fails the tick: the next sweep
+   * covers the whole time since the last one, so nothing is lost, only later.
+   */
+  async #sweep(result: MergeResult): Promise<void> {
+    try {
+      const n = await withClient(this.pool, (client) => sweepStatement(client, this.pool), {
+        deadlineMs: this.config.queryTimeoutMs, what: 'heartbeat.sweep_status', signal: this.#abort.signal,
+      });
+      result.statusEvents += n ?? 0;
+    } catch (err) {
+      if (this.#stopping && this.#abort.signal.aborted) return;
+      this.#stats.sweepFailures++;
+      const error = toHeartbeatError(err, 'heartbeat.sweep_status');
+      this.logger.warn(`${error.message}; the next tick sweeps again`, { error });
     }
   }
 
