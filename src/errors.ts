@@ -88,19 +88,19 @@ export class EventsPurgedError extends DatabaseError {
   override readonly name = 'EventsPurgedError';
   /** The id the read asked for events after. */
   readonly afterId: number | undefined;
-  /** The oldest id still retained, when the database said (events from it on can still be read). */
-  readonly oldestRetainedId: number | undefined;
+  /** Every event with an id up to this one was purged (heartbeat.event_state.purged_through): what is left follows it. */
+  readonly purgedThrough: number | undefined;
 
-  constructor(message: string, options: { afterId?: number | undefined; oldestRetainedId?: number | undefined; cause?: unknown } = {}) {
+  constructor(message: string, options: { afterId?: number | undefined; purgedThrough?: number | undefined; cause?: unknown } = {}) {
     super(message, { code: 'EVENTS_PURGED', sqlState: 'HBP01', cause: options.cause });
     this.afterId = options.afterId;
-    this.oldestRetainedId = options.oldestRetainedId;
+    this.purgedThrough = options.purgedThrough;
   }
 }
 
-/** The first number in `text` after `label` (e.g. "oldest retained id 42"), as a safe integer. */
-function numberAfter(text: string, label: RegExp): number | undefined {
-  const m = new RegExp(`${label.source}\\D{0,20}?(\\d+)`, 'i').exec(text);
+/** The number `pattern` captures in `text`, as a safe integer. */
+function captured(text: string, pattern: RegExp): number | undefined {
+  const m = pattern.exec(text);
   const n = m ? Number(m[1]) : NaN;
   return Number.isSafeInteger(n) ? n : undefined;
 }
@@ -146,9 +146,10 @@ export function toHeartbeatError(err: unknown, doing: string): HeartbeatError {
     });
   }
   if (code === 'HBP01') {
-    const said = [describe(err), (e as { detail?: unknown }).detail, (e as { hint?: unknown }).hint].filter((x) => typeof x === 'string').join(' ');
-    return new EventsPurgedError(`${text} (events were lost to retention: resume from a later id, or from 'now')`, {
-      afterId: numberAfter(said, /after(?: id)?/), oldestRetainedId: numberAfter(said, /oldest(?: retained)?(?: event)?(?: id)?/), cause: err,
+    // 'heartbeat.status_events_after: events after 12 were purged (retention); the oldest kept follows 40'
+    const said = describe(err);
+    return new EventsPurgedError(`${text} (events were lost: resync from heartbeat.agent_status(), then watch from 'now')`, {
+      afterId: captured(said, /events after (\d+)/), purgedThrough: captured(said, /oldest kept follows (\d+)/), cause: err,
     });
   }
   if (code === '57014' || code === '55P03') {

@@ -446,7 +446,7 @@ class Watcher implements StatusWatcher {
   }
 
   #skipPurged(error: EventsPurgedError): void {
-    const to = error.oldestRetainedId === undefined ? undefined : error.oldestRetainedId - 1;
+    const to = error.purgedThrough;
     if (to === undefined || to <= this.#cursor!) {
       // the database did not say where retention starts: from the newest event on
       this.#cursor = undefined;

@@ -25,7 +25,6 @@ before(async () => {
   process.on('unhandledRejection', onCrash);
   process.on('uncaughtException', onCrash);
   db = await createTestDb('status_events_watch');
-  if (process.env.WATCH_STUB) await db.pool.query((await import('node:fs')).readFileSync(process.env.WATCH_STUB, 'utf8')); // TODO remove
 });
 after(async () => {
   for (const p of proxies) await p.close();
@@ -291,7 +290,7 @@ describe('retention', () => {
     const { ids } = await connectedAgents(5);
     const start = await head();
     for (const id of ids) await disconnect(id);
-    const kept = await purgeOldest(2, ids); // the first two of these events are gone
+    const { kept, through } = await purgeOldest(2, ids); // the first two of these events are gone
     const errors: HeartbeatError[] = [];
     const w = watch({ connectionString: db.url }, { since: start, logger: silentLogger, onError: (e) => errors.push(e) });
     await w.ready;
@@ -302,6 +301,7 @@ describe('retention', () => {
     const done = await w.done;
     assert.ok(done instanceof EventsPurgedError, String(done));
     assert.equal(done.afterId, start);
+    assert.equal(done.purgedThrough, through, 'the database said where what is left starts');
     assert.equal(w.closed, true);
     assert.ok(errors[0] instanceof EventsPurgedError, 'onError heard it too');
 
@@ -374,12 +374,15 @@ describe('options and roles', () => {
   });
 });
 
-/** Deletes the oldest `n` events of `ids` as retention would (recording the horizon); returns the ids kept. */
-async function purgeOldest(n: number, ids: string[]): Promise<number[]> {
+/**
+ * Purges the oldest `n` events of `ids` as heartbeat.purge_events() does (sql/015): deletes them and records
+ * heartbeat.event_state.purged_through. Returns the ids of the events kept (in order) and the horizon.
+ */
+async function purgeOldest(n: number, ids: string[]): Promise<{ kept: number[]; through: number }> {
   const all = (await db.pool.query<{ id: string }>('SELECT id FROM heartbeat.status_events WHERE agent_id = ANY($1::uuid[]) ORDER BY id', [ids]))
     .rows.map((r) => Number(r.id));
   const through = all[n - 1]!;
   await db.pool.query('DELETE FROM heartbeat.status_events WHERE id <= $1', [through]);
-  await db.pool.query('UPDATE heartbeat.status_events_purged SET through = $1', [through]); // TODO(after merging events): the real horizon
-  return all.slice(n);
+  await db.pool.query('UPDATE heartbeat.event_state SET purged_through = GREATEST(purged_through, $1)', [through]);
+  return { kept: all.slice(n), through };
 }
