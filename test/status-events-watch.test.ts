@@ -10,6 +10,9 @@ import { after, before, describe, test } from 'node:test';
 import pg from 'pg';
 import { ConnectionError, EventsPurgedError, HeartbeatError, InvalidOptionError, TimeoutError } from '../src/errors.ts';
 import { silentLogger } from '../src/logger.ts';
+import { mergeNow } from '../src/merge.ts';
+import { type Merger, startMerger } from '../src/merger.ts';
+import { HeartbeatStager } from '../src/stager.ts';
 import { type StatusChange, type StatusWatcher, watchStatusChanges } from '../src/status-events.ts';
 import { adminQuery, createTestDb, type TestDb } from './support/db.ts';
 import { startFreezeProxy, type FreezeProxy } from './support/freeze-proxy.ts';
@@ -370,6 +373,50 @@ describe('options and roles', () => {
       }
     } finally {
       await adminQuery(`DROP ROLE IF EXISTS ${pg.escapeIdentifier(role)}`);
+    }
+  });
+});
+
+describe('events from the merge and the sweep', () => {
+  test('first heartbeat: within 1 s of the merge; inactivity: within inactive timeout + merge interval + 1 s of the last heartbeat', async (t) => {
+    const agentId = randomUUID();
+    await db.pool.query("INSERT INTO public.workspace_agents (id, updated_at) VALUES ($1, now() - interval '1 minute')", [agentId]);
+    const got: { event: StatusChange; at: number }[] = [];
+    const w = watch({ connectionString: db.url }, {
+      pollIntervalMs: 60_000, logger: silentLogger,
+      onChange: (event) => void (event.agentId === agentId && got.push({ event, at: Date.now() })),
+    });
+    await w.ready;
+    const stager = new HeartbeatStager({ connectionString: db.url, max: 1 }, { logger: silentLogger });
+    const INACTIVE_MS = 2_000;
+    const INTERVAL_MS = 500;
+    let merger: Merger | undefined;
+    try {
+      const heartbeat = new Date();
+      stager.stage({ agentId, firstConnectedAt: heartbeat, lastConnectedAt: heartbeat, updatedAt: heartbeat });
+      await stager.flush();
+      await mergeNow(db.pool);
+      const merged = Date.now();
+      await waitFor(() => got.length === 1, 'the first_heartbeat event', 5_000, 1);
+      const first = got[0]!;
+      assert.deepEqual([first.event.from, first.event.to, first.event.reason], ['connecting', 'connected', 'first_heartbeat']);
+      assert.equal(first.event.at.getTime(), heartbeat.getTime(), 'at: the heartbeat that connected it');
+      assert.ok(first.at - merged < 1000, `delivered ${first.at - merged} ms after the merge`);
+
+      await db.pool.query(`UPDATE heartbeat.settings SET inactive_timeout = make_interval(secs => $1::float8 / 1000)`, [INACTIVE_MS]);
+      merger = startMerger({ connectionString: db.url }, { intervalMs: INTERVAL_MS, logger: silentLogger });
+      await waitFor(() => got.length === 2, 'the inactivity event', 15_000, 5);
+      const second = got[1]!;
+      assert.deepEqual([second.event.from, second.event.to, second.event.reason], ['connected', 'disconnected', 'inactivity']);
+      const afterLast = second.at - heartbeat.getTime();
+      const bound = INACTIVE_MS + INTERVAL_MS * 1.1 + 1000;
+      t.diagnostic(`first_heartbeat ${first.at - merged} ms after the merge; inactivity ${afterLast} ms after the last heartbeat (bound ${bound})`);
+      assert.ok(afterLast < bound + 1000, `inactivity delivered ${afterLast} ms after the last heartbeat (target ${bound} ms)`);
+    } finally {
+      await merger?.close();
+      await stager.close();
+      await db.pool.query(`UPDATE heartbeat.settings SET inactive_timeout = interval '30 seconds'`);
+      await w.close();
     }
   });
 });
