@@ -222,6 +222,8 @@ describe('a frozen connection', () => {
       onError: (error) => errors.push({ at: Date.now(), error }), onChange: (e) => void got.push(e),
     });
     await w.ready;
+    await waitFor(() => w.stats().reads >= 1, 'the first read');
+    await new Promise((r) => setTimeout(r, 100)); // idle now, listening, between two backstop polls
     p.freeze(); // the LISTEN connection goes silent; new connections still work
     const frozenAt = Date.now();
     await disconnect(ids[0]!); // its NOTIFY never arrives on the frozen connection
