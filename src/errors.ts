@@ -94,6 +94,31 @@ export class TimeoutError extends DatabaseError {
   override readonly name = 'TimeoutError';
 }
 
+/**
+ * Status events after the id a watcher asked for were already deleted by retention (SQLSTATE HBP01 from
+ * heartbeat.status_events_after()): a consumer that resumes from there has lost events.
+ */
+export class EventsPurgedError extends DatabaseError {
+  override readonly name = 'EventsPurgedError';
+  /** The id the read asked for events after. */
+  readonly afterId: number | undefined;
+  /** Every event with an id up to this one was purged (heartbeat.event_state.purged_through): what is left follows it. */
+  readonly purgedThrough: number | undefined;
+
+  constructor(message: string, options: { afterId?: number | undefined; purgedThrough?: number | undefined; cause?: unknown } = {}) {
+    super(message, { code: 'EVENTS_PURGED', sqlState: 'HBP01', cause: options.cause });
+    this.afterId = options.afterId;
+    this.purgedThrough = options.purgedThrough;
+  }
+}
+
+/** The number `pattern` captures in `text`, as a safe integer. */
+function captured(text: string, pattern: RegExp): number | undefined {
+  const m = pattern.exec(text);
+  const n = m ? Number(m[1]) : NaN;
+  return Number.isSafeInteger(n) ? n : undefined;
+}
+
 const CONNECTION_CODES = new Set([
   'ECONNREFUSED', 'ECONNRESET', 'EPIPE', 'ETIMEDOUT', 'ENOTFOUND', 'EAI_AGAIN', 'EHOSTUNREACH', 'ENETUNREACH',
 ]);
@@ -132,6 +157,13 @@ export function toHeartbeatError(err: unknown, doing: string): HeartbeatError {
     const hint = typeof (e as { hint?: unknown }).hint === 'string' ? (e as { hint: string }).hint : 'grant the role heartbeat_writer';
     return new PermissionDeniedError(refusal ? `${text} (see docs/security.md)` : `${text} (${hint})`, {
       code: 'PERMISSION_DENIED', sqlState: code, cause: err,
+    });
+  }
+  if (code === 'HBP01') {
+    // 'heartbeat.status_events_after: events after 12 were purged (retention); the oldest kept follows 40'
+    const said = describe(err);
+    return new EventsPurgedError(`${text} (events were lost: resync from heartbeat.agent_status(), then watch from 'now')`, {
+      afterId: captured(said, /events after (\d+)/), purgedThrough: captured(said, /oldest kept follows (\d+)/), cause: err,
     });
   }
   if (code === '57014' || code === '55P03') {

@@ -14,6 +14,14 @@ export {
   type MetricsRegistry,
 } from './metrics.ts';
 export { serveMetrics, type MetricsServer, type MetricsServerOptions, type MetricsSource } from './metrics-server.ts';
+export {
+  watchStatusChanges,
+  type StatusChange,
+  type StatusChangeReason,
+  type StatusWatcher,
+  type WatchOptions,
+  type WatcherStats,
+} from './status-events.ts';
 export { assertSessionConnection, TransactionPoolerError } from './pooler.ts';
 export type { ConnectionOptions } from './connection.ts';
 export type { AgentDisconnect, AgentUpdate } from './update.ts';
@@ -32,6 +40,7 @@ export {
   ClosedError,
   ConnectionError,
   DatabaseError,
+  EventsPurgedError,
   HeartbeatError,
   InvalidOptionError,
   InvalidUpdateError,

@@ -57,7 +57,7 @@ after(async () => {
   await Promise.all([migrated.drop(), bare.drop()]);
 });
 
-const DB_COMMANDS = ['merge', 'merger', 'schedule', 'unschedule', 'status'];
+const DB_COMMANDS = ['merge', 'merger', 'schedule', 'unschedule', 'status', 'watch'];
 
 describe('every database subcommand fails with one clear line', () => {
   for (const name of ['migrate', ...DB_COMMANDS]) {
@@ -157,6 +157,74 @@ describe('merger', () => {
 
   test('rejects a bad --interval-ms with one line', async () => {
     assertOneLineFailure(await cli(['merger', '--interval-ms', 'soon', '--database-url', migrated.url]), /--interval-ms must be a positive whole number/, 'bad interval');
+  });
+});
+
+describe('watch', () => {
+  /** An agent connected a second ago (so that a disconnect is a status change). */
+  async function connectedAgent(): Promise<string> {
+    const id = crypto.randomUUID();
+    await migrated.pool.query(
+      `INSERT INTO public.workspace_agents (id, updated_at, first_connected_at, last_connected_at)
+       VALUES ($1, now() - interval '1 second', now() - interval '1 minute', now() - interval '1 second')`,
+      [id],
+    );
+    return id;
+  }
+  const disconnect = (id: string): Promise<unknown> => migrated.pool.query('SELECT heartbeat.disconnect_agent($1, now(), now())', [id]);
+
+  test('--json: one JSON object per line as each change happens (piped), until SIGINT (exit 0, says where to resume)', async () => {
+    const run = start(['watch', '--json', '--database-url', migrated.url]);
+    await waitFor('the watcher to start', () => /watching status changes after #\d+ \(LISTEN\)/.test(run.stderr()));
+    const ids = [await connectedAgent(), await connectedAgent()];
+    for (const id of ids) {
+      const sent = Date.now();
+      await disconnect(id);
+      await waitFor(`the line of ${id}`, () => run.stdout().includes(id), 10_000);
+      assert.ok(Date.now() - sent < 5_000, 'printed while running, not at exit');
+    }
+    run.child.kill('SIGINT');
+    const result = await run.done;
+    assert.equal(result.code, 0, result.stderr);
+    const lines = result.stdout.trim().split('\n').map((l) => JSON.parse(l) as Record<string, unknown>);
+    assert.deepEqual(lines.map((l) => l.agentId), ids);
+    for (const l of lines) {
+      assert.equal(l.from, 'connected');
+      assert.equal(l.to, 'disconnected');
+      assert.equal(l.reason, 'disconnect');
+      assert.equal(typeof l.id, 'number');
+      assert.match(String(l.at), /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/);
+      assert.match(String(l.recordedAt), /^\d{4}-\d\d-\d\dT/);
+    }
+    const last = lines.at(-1)!.id;
+    assert.match(result.stderr, new RegExp(`SIGINT: stopped after #${last} \\(resume with --since ${last}\\)`));
+  });
+
+  test('--since ID --poll: human lines from after that id, until SIGTERM', async () => {
+    const { rows } = await migrated.pool.query<{ h: string }>('SELECT heartbeat.status_events_head() AS h');
+    const since = rows[0]!.h;
+    const ids = [await connectedAgent(), await connectedAgent()];
+    for (const id of ids) await disconnect(id); // before the watcher starts: --since finds them
+    const run = start(['watch', '--since', since, '--poll', '--poll-interval', '100'], { DATABASE_URL: migrated.url });
+    await waitFor('two lines', () => run.stdout().trim().split('\n').length >= 2 && ids.every((id) => run.stdout().includes(id)));
+    assert.match(run.stderr(), new RegExp(`watching status changes after #${since} \\(polling every 100 ms\\)`));
+    run.child.kill('SIGTERM');
+    const result = await run.done;
+    assert.equal(result.code, 0, result.stderr);
+    const lines = result.stdout.trim().split('\n');
+    assert.equal(lines.length, 2);
+    lines.forEach((line, i) => {
+      assert.match(line, new RegExp(`^\\d{4}-\\d\\d-\\d\\dT\\S+Z ${ids[i]} connected -> disconnected \\(disconnect\\) #\\d+$`));
+    });
+  });
+
+  test('a bad --since or --poll-interval is one line', async () => {
+    const [since, interval] = await Promise.all([
+      cli(['watch', '--since', 'yesterday', '--database-url', migrated.url]),
+      cli(['watch', '--poll-interval', '0', '--database-url', migrated.url]),
+    ]);
+    assertOneLineFailure(since, /^pg-heartbeat watch: --since must be an event id \(a whole number\) or now/, 'bad --since');
+    assertOneLineFailure(interval, /^pg-heartbeat watch: --poll-interval must be a positive whole number/, 'bad --poll-interval');
   });
 });
 

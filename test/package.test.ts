@@ -100,7 +100,7 @@ describe('npm pack → npm install <tarball> in an empty project', () => {
   test('ESM import of the public API works, and its types compile with tsc', async () => {
     const check = `
       import * as hb from 'pg-heartbeat';
-      const names = ['HeartbeatStager', 'mergeNow', 'migrate', 'startMerger', 'readStatus', 'agentStatus', 'scheduleMerge', 'unscheduleMerge', 'checkTimingInvariant', 'toLogger', 'pinoLogger', 'winstonLogger', 'HeartbeatError', 'MigrationsMissingError'];
+      const names = ['HeartbeatStager', 'mergeNow', 'migrate', 'startMerger', 'readStatus', 'agentStatus', 'scheduleMerge', 'unscheduleMerge', 'checkTimingInvariant', 'toLogger', 'pinoLogger', 'winstonLogger', 'HeartbeatError', 'MigrationsMissingError', 'watchStatusChanges', 'EventsPurgedError'];
       const missing = names.filter((n) => typeof hb[n] !== 'function');
       if (missing.length) { console.error('missing: ' + missing.join(', ')); process.exit(1); }
       console.log('ok ' + Object.keys(hb).length);
