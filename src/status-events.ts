@@ -1,6 +1,6 @@
 /**
  * watchStatusChanges(): the status changes of agents (connected, disconnected, timeout), as durable events
- * read from heartbeat.status_events with their monotonic ids (docs/events-watch.md).
+ * read from heartbeat.status_events with their monotonic ids (docs/events.md).
  *
  * Delivery is at-least-once across restarts (persist `lastId`, pass it back as `since`) and exactly-once within
  * one watcher: the watcher reads `status_events_after(cursor)` and moves the cursor past what it handed over, so
