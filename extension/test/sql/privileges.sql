@@ -25,7 +25,7 @@ DELETE FROM heartbeat.dead_letters;
 SELECT heartbeat.set_staging_parts(2);
 SELECT heartbeat.retry_dead_letters();
 SELECT heartbeat.apply_privileges();
-SELECT * FROM heartbeat.merge_part(0, 'agent_connection_staging_p0', 10, NULL, now(), NULL);
+SELECT * FROM heartbeat.merge_part(0, 'agent_connection_staging_p0', 10, NULL, now(), NULL, now(), NULL, now());
 SET ROLE heartbeat_definer;
 
 -- a reader: status only
