@@ -19,7 +19,8 @@
 -- last attribute status_events (events this call recorded).
 SET LOCAL lock_timeout = '10s';
 
-ALTER TYPE heartbeat.merge_result ADD ATTRIBUTE status_events bigint;  -- events this call recorded
+ALTER TYPE heartbeat.merge_result ADD ATTRIBUTE status_events bigint;  -- events this call recorded (its sweep's too)
+ALTER TYPE heartbeat.merge_result ADD ATTRIBUTE status_swept boolean;  -- this call swept, or a sweep ran less than 1 s ago
 
 -- Records the change of one agent's status made by the current transaction
 -- (the direct writes): `old_status` as read from the locked row before.
@@ -61,15 +62,23 @@ REVOKE ALL ON FUNCTION heartbeat.record_change(uuid, text, timestamptz, interval
 -- lock and not while a backlog drains; then publish what was recorded. Inside a
 -- longer transaction it does not sweep: the sweep's exclusive lock would be held
 -- until that transaction ends.
-CREATE FUNCTION heartbeat.merge_epilogue(more boolean)
-RETURNS void
+-- Returns the events the sweep recorded, and whether statuses are swept up to
+-- now (this sweep ran, or one ran less than a second ago): the client then
+-- needs no sweep of its own.
+CREATE FUNCTION heartbeat.merge_epilogue(more boolean, OUT swept_events bigint, OUT swept boolean)
 LANGUAGE plpgsql
 VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $epilogue$
 BEGIN
+    swept_events := 0;
+    swept := false;
     IF NOT more AND pg_catalog.transaction_timestamp() >= pg_catalog.statement_timestamp() THEN
-        PERFORM heartbeat.sweep_events(false);
+        swept_events := heartbeat.sweep_events(false);
+        swept := swept_events IS NOT NULL
+                 OR EXISTS (SELECT 1 FROM heartbeat.event_state e
+                             WHERE e.last_sweep_at > pg_catalog.clock_timestamp() - interval '1 second');
+        swept_events := COALESCE(swept_events, 0);
     END IF;
     PERFORM heartbeat.publish_events();
 END
@@ -541,10 +550,11 @@ DECLARE
     p       record;
     n_parts integer;
     started timestamptz := pg_catalog.clock_timestamp();
+    ep      record;
 BEGIN
     pre := heartbeat.merge_prelude(max_rows);
     SELECT pg_catalog.count(*) INTO n_parts FROM heartbeat.staging_parts();
-    total := ROW(0, 0, 0, 0, 0, 0, false, 0, n_parts, 0, 0, 0, '{}', false, NULL, NULL, NULL, 0)::heartbeat.merge_result;
+    total := ROW(0, 0, 0, 0, 0, 0, false, 0, n_parts, 0, 0, 0, '{}', false, NULL, NULL, NULL, 0, false)::heartbeat.merge_result;
     FOR p IN SELECT * FROM heartbeat.staging_parts() LOOP
         r := heartbeat.merge_part(p.part, p.relname,
                                   GREATEST(1, pg_catalog.ceil(pre.budget::numeric / n_parts)::integer),
@@ -570,7 +580,9 @@ BEGIN
     total.more := pg_catalog.cardinality(total.parts_more) > 0;
     total.skipped_concurrent := n_parts > 0
                                 AND total.parts_skipped_concurrent = n_parts;
-    PERFORM heartbeat.merge_epilogue(total.more);
+    ep := heartbeat.merge_epilogue(total.more);
+    total.status_events := total.status_events + ep.swept_events;
+    total.status_swept := ep.swept;
     total.duration := pg_catalog.clock_timestamp() - started;
     RETURN NEXT total;
 END
@@ -593,6 +605,7 @@ DECLARE
     part_name   name;
     n_parts     integer;
     res         heartbeat.merge_result;
+    ep          record;
 BEGIN
     pre := heartbeat.merge_prelude(max_rows);
     SELECT s.relname INTO part_name FROM heartbeat.staging_parts() s WHERE s.part = merge_staging_part.part;
@@ -603,7 +616,9 @@ BEGIN
     END IF;
     res := heartbeat.merge_part(part, part_name, pre.budget, min_interval, pre.horizon, merger,
                                 pre.ev_at, pre.ev_timeout, pre.ev_horizon);
-    PERFORM heartbeat.merge_epilogue(res.more);
+    ep := heartbeat.merge_epilogue(res.more);
+    res.status_events := res.status_events + ep.swept_events;
+    res.status_swept := ep.swept;
     RETURN NEXT res;
 END
 $merge_one$;

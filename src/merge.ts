@@ -30,6 +30,12 @@ export interface MergeResult {
    * them (first heartbeats, reconnects, inactivity, connection timeouts): see docs/events.md.
    */
   statusEvents: number;
+  /**
+   * Whether time-based status changes are swept up to now: a merge call that is a transaction of
+   * its own sweeps at its end (or finds a sweep less than a second old). When false, mergeNow() and
+   * startMerger() run heartbeat.sweep_status() after merging.
+   */
+  swept: boolean;
   /** True when every part asked for was being merged elsewhere, so this call did nothing. */
   skippedConcurrent: boolean;
   /** Parts of staging asked for. */
@@ -74,6 +80,7 @@ interface MergeRow {
   deferred_locked: string;
   dead_lettered: string;
   status_events: string;
+  status_swept: boolean | null;
   skipped_concurrent: boolean;
   parts: number;
   parts_merged: number;
@@ -87,7 +94,7 @@ interface MergeRow {
 
 // times as epoch microseconds: exact whatever the session's DateStyle, TimeZone or extra_float_digits
 const COLUMNS = `rows_consumed, agents_updated, skipped_stale, skipped_unknown, skipped_invalid, deferred_locked,
-  dead_lettered, status_events, skipped_concurrent, parts, parts_merged, parts_skipped_concurrent, parts_skipped_recent, parts_more,
+  dead_lettered, status_events, status_swept, skipped_concurrent, parts, parts_merged, parts_skipped_concurrent, parts_skipped_recent, parts_more,
   more, lock_holder_pid, (extract(epoch FROM lock_busy_since) * 1000000)::int8::text AS lock_busy_since_us`;
 const ALL_SQL = `SELECT ${COLUMNS} FROM heartbeat.merge_agent_connections($1::int4, make_interval(secs => $2::float8 / 1000), $3::text)`;
 const PART_SQL = `SELECT ${COLUMNS} FROM heartbeat.merge_staging_part($4::int4, $1::int4, make_interval(secs => $2::float8 / 1000), $3::text)`;
@@ -96,7 +103,7 @@ const PART_SQL = `SELECT ${COLUMNS} FROM heartbeat.merge_staging_part($4::int4, 
 export function emptyMergeResult(): MergeResult {
   return {
     rowsConsumed: 0, agentsUpdated: 0, skippedStale: 0, skippedUnknown: 0, skippedInvalid: 0, deferredLocked: 0,
-    deadLettered: 0, statusEvents: 0, skippedConcurrent: false, parts: 0, partsMerged: 0, partsSkippedConcurrent: 0,
+    deadLettered: 0, statusEvents: 0, swept: false, skippedConcurrent: false, parts: 0, partsMerged: 0, partsSkippedConcurrent: 0,
     partsSkippedRecent: 0, partsWithMore: [], more: false, lockHolderPid: null, lockBusySince: null, statements: 0,
   };
 }
@@ -112,6 +119,7 @@ export function toMergeResult(row: MergeRow): MergeResult {
     deferredLocked: Number(row.deferred_locked),
     deadLettered: Number(row.dead_lettered),
     statusEvents: Number(row.status_events),
+    swept: row.status_swept === true,
     skippedConcurrent: row.skipped_concurrent,
     parts: row.parts,
     partsMerged: row.parts_merged,
@@ -138,6 +146,7 @@ export function addMergeResults(a: MergeResult, b: MergeResult): MergeResult {
   a.deferredLocked += b.deferredLocked;
   a.deadLettered += b.deadLettered;
   a.statusEvents += b.statusEvents;
+  a.swept ||= b.swept;
   a.partsMerged += b.partsMerged;
   a.partsSkippedConcurrent += b.partsSkippedConcurrent;
   a.partsSkippedRecent += b.partsSkippedRecent;
@@ -242,7 +251,11 @@ export async function mergeNow(
       if (!drain || !r.more || performance.now() - started > timeoutMs / 2) break;
     }
     // the time-based status changes, once the backlog is merged (see docs/events.md)
-    if (!total.more) total.statusEvents += (await sweepStatement(client, key)) ?? 0;
+    if (!total.more && !total.swept) {
+      const n = await sweepStatement(client, key);
+      total.statusEvents += n ?? 0;
+      total.swept = n !== null;
+    }
     return total;
   };
 

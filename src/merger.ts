@@ -273,7 +273,7 @@ class MergeLoop implements Merger {
     else if (result.partsSkippedConcurrent > 0) this.#stats.skippedConcurrent++;
     else this.#stats.skippedRecent++;
     this.#watchLocks(result);
-    if (!result.more && !this.#stopping) await this.#sweep(result);
+    if (!result.more && !result.swept && !this.#stopping) await this.#sweep(result);
     this.#stats.statusEvents += result.statusEvents;
     if (result.deadLettered > 0) {
       this.logger.warn(`${result.deadLettered} staged snapshot(s) could not be applied and were moved to heartbeat.dead_letters`, {
@@ -376,6 +376,7 @@ class MergeLoop implements Merger {
         deadlineMs: this.config.queryTimeoutMs, what: 'heartbeat.sweep_status', signal: this.#abort.signal,
       });
       result.statusEvents += n ?? 0;
+      result.swept = n !== null;
     } catch (err) {
       if (this.#stopping && this.#abort.signal.aborted) return;
       this.#stats.sweepFailures++;

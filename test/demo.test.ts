@@ -66,6 +66,11 @@ test('demo on DATABASE_URL: disconnect check, summary, exit 0, cleaned up', asyn
   assert.match(out, /counting database statements with pg_stat_database/, 'the test cluster has no pg_stat_statements: the fallback says so');
   assert.match(out, /disconnect storm: 30 agents \(10 %\) disconnected through HeartbeatStager\.disconnect .*\(30 rows changed\)/);
   assert.match(out, /heartbeat\.agent_status\(\): 270 connected, 30 disconnected; all 30 disconnected agents show 'disconnected'/);
+  const events = out.match(/status events: (\d+) of 30 'disconnect' events reached a watcher \(LISTEN\/NOTIFY\), median ([\d.]+) (ms|s), last ([\d.]+) (ms|s)/);
+  assert.ok(events, `the demo reports the status events of the storm:\n${out}`);
+  assert.equal(events[1], '30', 'every disconnect reached the watcher');
+  const lastMs = Number(events[4]) * (events[5] === 's' ? 1000 : 1);
+  assert.ok(lastMs < 5_000, `within seconds of the storm (${events[4]} ${events[5]})`);
 
   const heartbeats = num(field(out, /^ {2}heartbeats +([\d,]+) \(/m)[1]!);
   const [, ours, copies, rowsCopied, merges] = field(out, /^ {2}pg-heartbeat +([\d,]+) statements .*: ([\d,]+) COPY \(([\d,]+) rows\), ([\d,]+) merges .*, 30 disconnects/m);

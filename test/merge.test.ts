@@ -39,7 +39,7 @@ describe('heartbeat.merge_agent_connections()', () => {
       rowsConsumed: 4, agentsUpdated: 2, skippedStale: 0, skippedUnknown: 0, skippedInvalid: 0, deferredLocked: 0,
       deadLettered: 0, skippedConcurrent: false, parts: 4, partsMerged: 4, partsSkippedConcurrent: 0, partsSkippedRecent: 0,
       partsWithMore: [], more: false, lockHolderPid: null, lockBusySince: null, statements: 1,
-      statusEvents: 1,   // a: connecting -> disconnected (its heartbeat is from January 2026); b has no first_connected_at
+      swept: true, statusEvents: 1,   // a: connecting -> disconnected (its heartbeat is from January 2026); b has no first_connected_at
     });
     const rowA = await agentRow(db.pool, a!);
     assert.deepEqual(rowA.last_connected_at, t(3));

@@ -19,6 +19,7 @@ import { startMerger, type Merger } from '../merger.ts';
 import { migrate } from '../migrate.ts';
 import { HeartbeatStager } from '../stager.ts';
 import { agentStatus, readStatus, type MergeStatus } from '../status.ts';
+import { watchStatusChanges, type StatusWatcher } from '../status-events.ts';
 import { Fleet } from './fleet.ts';
 import { fmt, Progress, seconds } from './progress.ts';
 import { StatementCounter } from './statement-counter.ts';
@@ -98,6 +99,7 @@ export async function runDemo(o: DemoOptions): Promise<void> {
   let counter: StatementCounter | undefined;
   let stager: HeartbeatStager | undefined;
   let merger: Merger | undefined;
+  let watcher: StatusWatcher | undefined;
   let beats: NodeJS.Timeout | undefined;
   let outcome: unknown;
   try {
@@ -138,6 +140,18 @@ export async function runDemo(o: DemoOptions): Promise<void> {
     counter = new StatementCounter(url);
     await counter.start();
     say(`counting database statements with ${counter.description}`);
+
+    // ---- a consumer of status events (docs/events.md): woken by NOTIFY on a connection of its own
+    const stormWatch = { startedAt: 0, gone: new Set<string>(), delays: [] as number[], events: 0 };
+    watcher = watchStatusChanges({ connectionString: url }, {
+      since: 'now',
+      logger,
+      onChange: (e) => {
+        stormWatch.events++;
+        if (e.reason === 'disconnect' && stormWatch.gone.delete(e.agentId)) stormWatch.delays.push(performance.now() - stormWatch.startedAt);
+      },
+    });
+    await watcher.ready;
 
     // ---- the fleet
     const merged = { merges: 0, rows: 0, agents: 0 };
@@ -214,6 +228,8 @@ export async function runDemo(o: DemoOptions): Promise<void> {
     const gone = fleet.leave(Math.max(1, Math.round(o.agents * DISCONNECT_FRACTION)), connected);
     if (gone.length === 0) throw new Error('no agent shows connected yet (the first merge runs after about 5 s): use --seconds 6 or more');
     const stormStarted = performance.now();
+    stormWatch.startedAt = stormStarted;
+    for (const id of gone) stormWatch.gone.add(id);
     const at = new Date();
     const applied = await Promise.all(
       gone.map((agentId) => s.disconnect({ agentId, disconnectedAt: at, updatedAt: at, replicaId: fleet.replicaId })),
@@ -226,6 +242,15 @@ export async function runDemo(o: DemoOptions): Promise<void> {
     );
     const stormDone = (await sample()).checkedAt;
     aborted();
+    // every disconnect is an event; the watcher has them within about a second
+    for (const until = Date.now() + 5_000; stormWatch.gone.size > 0 && Date.now() < until; ) await sleep(20, undefined, { signal });
+    const delays = [...stormWatch.delays].sort((a, b) => a - b);
+    const pct = (q: number): string => seconds(delays[Math.min(delays.length - 1, Math.floor(q * delays.length))] ?? 0);
+    say(
+      `status events: ${fmt(delays.length)} of ${fmt(gone.length)} 'disconnect' events reached a watcher (LISTEN/NOTIFY), ` +
+        `median ${pct(0.5)}, last ${pct(1)} after the storm's first disconnect()` +
+        (stormWatch.gone.size > 0 ? `; CHECK FAILED: ${fmt(stormWatch.gone.size)} missing` : ''),
+    );
 
     // ---- after the next merge, heartbeat.agent_status() must show them disconnected
     const m = (await nextMerge(stormDone, 'after the disconnect storm')).lastMerge;
@@ -266,6 +291,7 @@ export async function runDemo(o: DemoOptions): Promise<void> {
     beats = undefined;
     const trafficMs = Date.now() - t0;
     await merger.stop();
+    await watcher.close();
     await stager.flush();
     const last: MergeResult = await mergeNow(merging);
     if (!last.skippedConcurrent) merged.rows += last.rowsConsumed;
@@ -295,12 +321,20 @@ export async function runDemo(o: DemoOptions): Promise<void> {
       `${label('pg-heartbeat')}${fmt(ours)} statements (${perS(ours)}): ${fmt(copies)} COPY (${fmt(st.rowsCopied)} rows), ` +
         `${fmt(merges)} merges (${fmt(merged.rows)} rows), ${fmt(gone.length)} disconnects — its own count`,
     );
-    say(`${label('the database counted')}${fmt(dbCount)} (${perS(dbCount)}) — ${counter.description}`);
+    say(
+      `${label('the database counted')}${fmt(dbCount)} (${perS(dbCount)}) — ${counter.description}` +
+        (counter.description.startsWith('pg_stat_database')
+          ? `, the status watcher's ${fmt(watcher.stats().reads)} reads (${fmt(stormWatch.events)} events) included`
+          : ''),
+    );
     say(`${label('naive')}${fmt(naive)} statements (${perS(naive)}): one UPDATE per heartbeat and per disconnect`);
     say(
       `${label('=>')}${fmt(heartbeatStatements)} statements for ${fmt(fleet.heartbeats)} heartbeats (${x(fleet.heartbeats, heartbeatStatements)} fewer); ` +
         `disconnects stay one statement each; overall ${x(naive, ours)} fewer`,
     );
+    if (stormWatch.gone.size > 0) {
+      check ??= new Error(`check failed: ${stormWatch.gone.size} of ${gone.length} disconnects never reached the status watcher`);
+    }
     if (check) throw check;
   } catch (err) {
     outcome = signal.aborted ? signal.reason : err;
@@ -310,6 +344,7 @@ export async function runDemo(o: DemoOptions): Promise<void> {
     if (beats) clearInterval(beats);
     progress.end();
     await within(merger?.stop(), 5_000);
+    await within(watcher?.close(), 3_000);
     await within(stager?.close(), 3_000);
     if (work && !work.ended) await within(work.end(), 3_000);
     if (merging && !merging.ended) await within(merging.end(), 3_000);

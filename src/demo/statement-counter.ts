@@ -74,7 +74,9 @@ export class StatementCounter {
          WHERE dbid = (SELECT oid FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database())
            AND query NOT LIKE '%pg_stat_statements%'
            AND (query LIKE 'COPY %agent_connection_staging%'
-                OR query LIKE '%heartbeat.merge_agent_connections()%'
+                OR query LIKE '%heartbeat.merge_agent_connections(%'
+                OR query LIKE '%heartbeat.merge_staging_part(%'
+                OR query LIKE '%heartbeat.sweep_status()%'
                 OR query LIKE '%heartbeat.disconnect_agent(%')`;
       try {
         await this.pool.query(sql); // fails when the library is not in shared_preload_libraries
