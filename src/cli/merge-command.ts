@@ -22,7 +22,7 @@ export const mergeCommand: Command = {
         ctx.out(
           `merged ${result.rowsConsumed} staged row(s) in ${ms} ms: ${result.agentsUpdated} agent(s) updated, ` +
             `${result.skippedStale} stale, ${result.skippedUnknown} unknown, ${result.skippedInvalid} invalid, ` +
-            `${result.deferredLocked} deferred (row locked)`,
+            `${result.deferredLocked} deferred (row locked); ${result.statusEvents} status change(s) recorded`,
         );
       }
     } finally {

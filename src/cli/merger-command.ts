@@ -31,6 +31,7 @@ export function mergeLine(r: Omit<MergeReport, 'parallel'>): string {
     `${at} merged ${r.rowsConsumed} staged row(s) in ${r.durationMs} ms: ${r.agentsUpdated} agent(s) updated, ` +
     `${r.skippedStale} stale, ${r.skippedUnknown} unknown, ${r.skippedInvalid} invalid, ${r.deferredLocked} deferred (row locked)` +
     (r.deadLettered ? `, ${r.deadLettered} dead-lettered` : '') +
+    (r.statusEvents ? `; ${r.statusEvents} status change(s)` : '') +
     (skipped ? `; ${skipped} of ${r.parts} part(s) merged elsewhere` : '') +
     (r.more ? '; rows left, merging again' : '')
   );
