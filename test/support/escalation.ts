@@ -314,9 +314,9 @@ export function escalationSuite(path: InstallPath): void {
     }
 
     /** What the planted code logged since `since` (it logs nothing while running as the application itself). */
-    async function pwnedSince(since: Date): Promise<Array<{ via: string; who: string; sess: string; probes: Record<string, string> }>> {
+    async function pwnedSince(since: Date): Promise<Array<{ via: string; who: string; sess: string; probes: Record<string, string>; at: Date }>> {
       const { su } = e();
-      const { rows } = await su.query('SELECT via, who, sess, probes FROM public.pwned WHERE at > $1 ORDER BY at', [since]);
+      const { rows } = await su.query('SELECT via, who, sess, probes, at FROM public.pwned WHERE at > $1 ORDER BY at', [since]);
       return rows;
     }
 
@@ -351,6 +351,7 @@ export function escalationSuite(path: InstallPath): void {
         await appPool.query(attack.plant);
         const stager = new HeartbeatStager({ pool: appPool }, { logger: silentLogger, flushIntervalMs: 3_600_000 });
         const seen = new Map<Entry, string[]>();
+        const trail: string[] = [];   // what each entry found, for the failure message
         try {
           const run: Record<Entry, () => Promise<void>> = {
             disconnect_agent: async () => {
@@ -408,6 +409,7 @@ export function escalationSuite(path: InstallPath): void {
               await run[entry]();
             }
             const rows = await pwnedSince(since);
+            trail.push(`${entry} since ${since.toISOString()}: ${JSON.stringify(rows.map((r) => [r.via, r.who, r.sess, r.at]))}`);
             seen.set(entry, [...new Set(rows.map((r) => r.who))]);
             for (const r of rows) {
               const expected = Object.fromEntries(probes(app, e().file).map((p) => [p.name, p.expect]));
@@ -424,7 +426,7 @@ export function escalationSuite(path: InstallPath): void {
         assert.deepEqual(
           Object.fromEntries(seen),
           Object.fromEntries(ENTRIES.map((entry) => [entry, attack.runsOn.has(entry) ? ['heartbeat_definer'] : []])),
-          'where the planted code ran, and as whom',
+          `where the planted code ran, and as whom\n${trail.join('\n')}`,
         );
         const row = (await su.query('SELECT updated_at, disconnected_at FROM public.workspace_agents WHERE id = $1', [c])).rows[0];
         const replicaDisconnected = !attack.fails?.disconnect_replica;
