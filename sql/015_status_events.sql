@@ -288,6 +288,11 @@ DECLARE
     skew    interval;
     n       bigint;
     got     boolean := false;
+    -- the window, computed once (per row, each subtraction would be evaluated again)
+    stale0  timestamptz;
+    stale1  timestamptz;
+    future0 timestamptz;
+    retimed boolean;
 BEGIN
     SELECT e.swept_through, e.last_sweep_at INTO st FROM heartbeat.event_state e;
     IF st.last_sweep_at > pg_catalog.clock_timestamp() - interval '1 second' THEN
@@ -321,6 +326,10 @@ BEGIN
         RETURN NULL;
     END IF;
     SELECT s.inactive_timeout, s.max_clock_skew INTO tmo1, skew FROM heartbeat.settings s;
+    stale0 := st.swept_through - tmo1;
+    stale1 := t1 - tmo1;
+    future0 := st.swept_through + skew;
+    retimed := st.swept_timeout <> tmo1;
 
     INSERT INTO heartbeat.status_events_pending (agent_id, from_status, to_status, reason, at)
     SELECT x.id, x.s0, x.s1, x.reason,
@@ -332,15 +341,15 @@ BEGIN
                    LATERAL (SELECT heartbeat.status_at(wa.first_connected_at, wa.last_connected_at, wa.disconnected_at,
                                                        wa.created_at, wa.connection_timeout_seconds,
                                                        st.swept_through, st.swept_through - st.swept_timeout,
-                                                       st.swept_through + skew) AS s0,
+                                                       future0) AS s0,
                                    heartbeat.status_at(wa.first_connected_at, wa.last_connected_at, wa.disconnected_at,
                                                        wa.created_at, wa.connection_timeout_seconds,
                                                        t1, t1 - tmo1, t1 + skew) AS s1) a
              -- what can change with time alone (cheap comparisons first; everything when the timeout changed)
-             WHERE (st.swept_timeout <> tmo1
+             WHERE (retimed
                     OR (wa.first_connected_at IS NULL AND wa.connection_timeout_seconds > 0)
-                    OR (wa.last_connected_at >= st.swept_through - tmo1 AND wa.last_connected_at < t1 - tmo1)
-                    OR wa.last_connected_at > st.swept_through + skew)
+                    OR (wa.last_connected_at >= stale0 AND wa.last_connected_at < stale1)
+                    OR wa.last_connected_at > future0)
                AND a.s0 <> a.s1) x;
     GET DIAGNOSTICS n = ROW_COUNT;
     UPDATE heartbeat.event_state SET swept_through = t1, swept_timeout = tmo1, last_sweep_at = t1;
