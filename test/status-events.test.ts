@@ -14,6 +14,7 @@ import { startMerger } from '../src/merger.ts';
 import { HeartbeatStager } from '../src/stager.ts';
 import { silentLogger } from '../src/logger.ts';
 import { adminQuery, createAgents, createTestDb, type TestDb } from './support/db.ts';
+import { eventChainProblems } from './support/event-chain.ts';
 
 let db: TestDb;
 before(async () => {
@@ -320,29 +321,9 @@ describe('status events', () => {
       await mergeNow(db.pool);
       await sweep();
 
-      const events = await eventsAfter(start);
-      assert.ok(events.length > ids.length, `a busy fleet changes status often (${events.length} events)`);
-      const { rows } = await db.pool.query<{ id: string; status: string }>(
-        `SELECT wa.id, heartbeat.status_at(wa.first_connected_at, wa.last_connected_at, wa.disconnected_at, wa.created_at,
-                                           wa.connection_timeout_seconds, e.swept_through, e.swept_through - e.swept_timeout,
-                                           e.swept_through + s.max_clock_skew) AS status
-           FROM public.workspace_agents wa, heartbeat.event_state e, heartbeat.settings s
-          WHERE wa.id = ANY ($1)`,
-        [ids],
-      );
-      const byAgent = new Map<string, Event[]>();
-      for (const e of events) byAgent.set(e.agent_id, [...(byAgent.get(e.agent_id) ?? []), e]);
-      const reasons = new Set<string>();
-      for (const { id, status } of rows) {
-        let current = 'connecting';
-        for (const e of byAgent.get(id) ?? []) {
-          assert.equal(e.from_status, current, `agent ${id}: an event from ${e.from_status} while it was ${current} (a missed or doubled transition)`);
-          assert.notEqual(e.to_status, e.from_status);
-          reasons.add(e.reason);
-          current = e.to_status;
-        }
-        assert.equal(current, status, `agent ${id}: its events end at ${current}, its row says ${status}`);
-      }
+      const { problems, events, reasons } = await eventChainProblems(db.pool, ids, () => 'connecting', start);
+      assert.ok(events > ids.length, `a busy fleet changes status often (${events} events)`);
+      assert.deepEqual(problems.slice(0, 5), [], `${problems.length} problem(s)`);
       for (const r of ['first_heartbeat', 'disconnect', 'reconnect', 'inactivity']) assert.ok(reasons.has(r), `saw ${r}`);
     } finally {
       for (const s of stagers) await s.close().catch(() => {});

@@ -19,7 +19,8 @@
  * snapshot (23514); agents without poison events match the oracle at once; then
  * the CHECK is dropped, heartbeat.retry_dead_letters() puts the dead letters
  * back, and after a merge EVERY agent matches the oracle over all events (dead
- * letters lose nothing).
+ * letters lose nothing). And the status events (docs/events.md) chain for every agent: each transition
+ * recorded once, in order, under the same faults (test/support/event-chain.ts).
  */
 import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
@@ -32,6 +33,7 @@ import { silentLogger } from '../../src/logger.ts';
 import { HeartbeatStager } from '../../src/stager.ts';
 import { checkAgent, fromDbRow, type AgentEvent, type OracleRow } from '../support/oracle.ts';
 import { createTestDb, type TestDb } from '../support/db.ts';
+import { eventChainProblems } from '../support/event-chain.ts';
 import { startFreezeProxy, type FreezeProxy } from '../support/freeze-proxy.ts';
 
 let db: TestDb;
@@ -277,13 +279,18 @@ async function runCase(c: { agents: number; initialFirst: number | null; events:
   await Promise.all(mergePools.map((p) => p.end()));
   const problems = await check(() => true);
   assert.deepEqual(problems.slice(0, 5), [], `${problems.length} agent(s) differ from the oracle`);
+  // and the status events the merges and disconnects recorded: each transition once, in order, whatever the faults
+  // (every timestamp here is from January 2026: an agent goes from its initial status to 'disconnected' at most once)
+  const chain = await eventChainProblems(db.pool, ids, () => (c.initialFirst === null ? 'connecting' : 'disconnected'));
+  assert.deepEqual(chain.problems.slice(0, 5), [], `${chain.problems.length} status event problem(s)`);
+  stats.statusEvents += chain.events;
   stats.cases++;
   stats.faults += applied;
   stats.deadLetters += letters.length;
   stats.mergeFailures += mergeErrors.length;
 }
 
-const stats = { cases: 0, faults: 0, deadLetters: 0, mergeFailures: 0 };
+const stats = { cases: 0, faults: 0, deadLetters: 0, mergeFailures: 0, statusEvents: 0 };
 
 test('concurrent stagers and mergers, with terminated and frozen connections and poison rows, end where the oracle says (property, shrinks on failure)', async () => {
   const numRuns = Number(process.env.HEARTBEAT_FC_RUNS ?? 25);
@@ -291,7 +298,7 @@ test('concurrent stagers and mergers, with terminated and frozen connections and
   const started = performance.now();
   await fc.assert(fc.asyncProperty(caseArb, runCase), { numRuns, ...(seed === undefined ? {} : { seed }), endOnFailure: false });
   console.log(`oracle with faults: ${stats.cases} cases, ${stats.faults} faults injected, ${stats.deadLetters} poison dead letters ` +
-    `retried, ${stats.mergeFailures} merges cut off by the faults, 0 mismatches, in ${((performance.now() - started) / 1000).toFixed(1)} s`);
+    `retried, ${stats.mergeFailures} merges cut off by the faults, ${stats.statusEvents} status events chained, 0 mismatches, in ${((performance.now() - started) / 1000).toFixed(1)} s`);
 });
 
 test('the oracle itself rejects wrong outcomes (it can fail)', () => {
