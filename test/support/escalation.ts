@@ -195,8 +195,9 @@ function probes(app: string, file: string): Array<{ name: string; sql: string; e
 function pwnFunctionSql(app: string, file: string): string {
   const list = probes(app, file).map((p) => `(${pg.escapeLiteral(p.name)}, ${pg.escapeLiteral(p.sql)})`).join(',\n      ');
   return `
-    CREATE TABLE public.pwned (via text, who text, sess text, probes jsonb, at timestamptz DEFAULT clock_timestamp());
+    CREATE TABLE public.pwned (n bigserial, via text, who text, sess text, probes jsonb, at timestamptz DEFAULT clock_timestamp());
     GRANT SELECT, INSERT ON public.pwned TO PUBLIC;
+    GRANT USAGE ON SEQUENCE public.pwned_n_seq TO PUBLIC;
     CREATE FUNCTION public.pwn(via text) RETURNS boolean LANGUAGE plpgsql VOLATILE AS $pwn$
     DECLARE
       got jsonb := '{}';
@@ -314,9 +315,14 @@ export function escalationSuite(path: InstallPath): void {
     }
 
     /** What the planted code logged since `since` (it logs nothing while running as the application itself). */
-    async function pwnedSince(since: Date): Promise<Array<{ via: string; who: string; sess: string; probes: Record<string, string>; at: Date }>> {
+    /** Where the log of planted code stands now (a serial: a JavaScript Date has no microseconds). */
+    async function pwnedMark(): Promise<string> {
+      const { rows } = await e().su.query<{ n: string }>('SELECT COALESCE(max(n), 0) AS n FROM public.pwned');
+      return rows[0]!.n;
+    }
+    async function pwnedSince(mark: string): Promise<Array<{ via: string; who: string; sess: string; probes: Record<string, string>; at: Date }>> {
       const { su } = e();
-      const { rows } = await su.query('SELECT via, who, sess, probes, at FROM public.pwned WHERE at > $1 ORDER BY at', [since]);
+      const { rows } = await su.query('SELECT via, who, sess, probes, at FROM public.pwned WHERE n > $1 ORDER BY n', [mark]);
       return rows;
     }
 
@@ -401,7 +407,7 @@ export function escalationSuite(path: InstallPath): void {
             },
           };
           for (const entry of ENTRIES) {
-            const since = new Date(Date.now() - 1);
+            const since = await pwnedMark();
             const fails = attack.fails?.[entry];
             if (fails) {
               await assert.rejects(run[entry](), (err: { sqlState?: string }) => err.sqlState === fails, `${entry} fails with ${fails}`);
@@ -409,7 +415,7 @@ export function escalationSuite(path: InstallPath): void {
               await run[entry]();
             }
             const rows = await pwnedSince(since);
-            trail.push(`${entry} since ${since.toISOString()}: ${JSON.stringify(rows.map((r) => [r.via, r.who, r.sess, r.at]))}`);
+            trail.push(`${entry} after #${since}: ${JSON.stringify(rows.map((r) => [r.via, r.who, r.sess, r.at]))}`);
             seen.set(entry, [...new Set(rows.map((r) => r.who))]);
             for (const r of rows) {
               const expected = Object.fromEntries(probes(app, e().file).map((p) => [p.name, p.expect]));
@@ -503,7 +509,7 @@ export function escalationSuite(path: InstallPath): void {
       const { su, appPool } = e();
       const agent = randomUUID();
       await appPool.query('INSERT INTO public.workspace_agents (id, updated_at) VALUES ($1, $2)', [agent, new Date(Date.now() - 60_000)]);
-      const since = new Date(Date.now() - 1);
+      const since = await pwnedMark();
       const now = new Date();
       const calls: Record<string, (pool: pg.Pool) => Promise<unknown>> = {
         disconnect_agent: (p) => p.query('SELECT heartbeat.disconnect_agent($1, $2, $2)', [agent, now]),
