@@ -8,6 +8,7 @@ import { toLogger, type Logger } from './logger.ts';
 import { setStagingDurability } from './durability.ts';
 import { PACKAGE_ROOT } from './paths.ts';
 import { assertSessionConnection } from './pooler.ts';
+import { countOption } from './options.ts';
 
 /** The folder of pg-heartbeat's node-pg-migrate migrations (each applies one file of sql/). */
 export const MIGRATIONS_DIR = join(PACKAGE_ROOT, 'migrations');
@@ -25,6 +26,12 @@ export interface MigrateOptions {
    * false: make it UNLOGGED (the default layout); undefined: leave it as it is. Applied after an 'up' run.
    */
   durableStaging?: boolean;
+  /**
+   * How many hash parts staging has (1 to 64; default: leave it, 4 on a new install). Changing it is safe while
+   * stagers COPY and mergers merge: heartbeat.set_staging_parts() moves every staged row, losing none. Applied
+   * after an 'up' run; see docs/running-the-merge.md for choosing it.
+   */
+  stagingParts?: number;
 }
 
 /**
@@ -36,6 +43,7 @@ export interface MigrateOptions {
  */
 export async function migrate(connection: ConnectionOptions, options: MigrateOptions = {}): Promise<string[]> {
   const logger = safeLogger(toLogger(options.logger));
+  const stagingParts = options.stagingParts === undefined ? undefined : countOption(options.stagingParts, 'stagingParts', 4, 1, 64);
   const client =
     'pool' in connection ? await connection.pool.connect() : new pg.Client({ connectionString: connection.connectionString });
   const owned = !('pool' in connection);
@@ -58,6 +66,13 @@ export async function migrate(connection: ConnectionOptions, options: MigrateOpt
       advisoryLockMode: 'wait',
       logger: { debug() {}, info: (m: string) => logger.debug(m), warn: (m: string) => logger.warn(m), error: (m: string) => logger.error(m) },
     });
+    if (stagingParts !== undefined && (options.direction ?? 'up') === 'up') {
+      const { rows } = await client.query<{ n: number }>('SELECT count(*)::int AS n FROM heartbeat.staging_parts()');
+      if (rows[0]?.n !== stagingParts) {
+        const moved = await client.query<{ n: string }>('SELECT heartbeat.set_staging_parts($1) AS n', [stagingParts]);
+        logger.info(`staging now has ${stagingParts} part(s) (${moved.rows[0]?.n ?? 0} staged row(s) moved)`);
+      }
+    }
     if (options.durableStaging !== undefined && (options.direction ?? 'up') === 'up') {
       await setStagingDurability(client, options.durableStaging);
     }

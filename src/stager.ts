@@ -229,7 +229,7 @@ export class HeartbeatStager {
     const older = this.#pending.get(d.agentId);
     const first = older && older.updated <= d.updatedAt ? earliest(d.first, older.first) : d.first;
     const last = older && older.updated <= d.updatedAt && Number.isNaN(d.last) ? older.last : d.last;
-    const applied = await this.#run('disconnect', async (client) => {
+    const applied = await this.#runRetryingConflicts('disconnect', async (client) => {
       const { rows } = await client.query<{ applied: boolean }>(DISCONNECT_SQL, [
         d.agentId, iso(d.disconnectedAt), iso(d.updatedAt), d.replicaId, iso(first), iso(last),
       ]);
@@ -262,7 +262,7 @@ export class HeartbeatStager {
       this.#maxClockSkewMs,
     );
     await this.flush();
-    return this.#run('disconnect_replica', async (client) => {
+    return this.#runRetryingConflicts('disconnect_replica', async (client) => {
       const { rows } = await client.query<{ n: string }>(DISCONNECT_REPLICA_SQL, [replica, iso(d.disconnectedAt), iso(d.updatedAt)]);
       return Number(rows[0]!.n);
     });
@@ -316,6 +316,23 @@ export class HeartbeatStager {
   }
 
   /** One database operation under the deadline, its error mapped. */
+  /**
+   * #run, again after a serialization failure or a deadlock (40001, 40P01), at most 3 attempts: in a
+   * REPEATABLE READ or SERIALIZABLE session a disconnect fails that way when a status sweep commits during it
+   * (docs/events.md); the statement rolled back and the direct writes are guarded by updated_at, so it is safe.
+   */
+  async #runRetryingConflicts<T>(what: string, fn: (client: pg.PoolClient) => Promise<T>): Promise<T> {
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await this.#run(what, fn);
+      } catch (err) {
+        const state = (err as { sqlState?: unknown }).sqlState;
+        if ((state !== '40001' && state !== '40P01') || attempt >= 3 || this.#closed) throw err;
+        await new Promise((r) => setTimeout(r, 20 * attempt));
+      }
+    }
+  }
+
   async #run<T>(what: string, fn: (client: pg.PoolClient) => Promise<T>): Promise<T> {
     try {
       return await withClient(this.#pool, fn, { deadlineMs: this.#queryTimeoutMs, what, signal: this.#abort.signal });

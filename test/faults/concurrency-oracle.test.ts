@@ -1,7 +1,8 @@
 /**
  * Property: several stagers (each on its own pool, like separate app
  * replicas) stage random heartbeats and write random disconnects, with random,
- * equal and out-of-order timestamps, while two mergers loop on mergeNow. After
+ * equal and out-of-order timestamps, while two mergers loop on mergeNow (one over every part of
+ * staging, the other often over a single part). After
  * a final flush and merge every agent's row must be a state the oracle
  * (test/support/oracle.ts) allows. fast-check shrinks a failure to a minimal
  * event list. HEARTBEAT_FC_RUNS / HEARTBEAT_FC_SEED override the run count / seed.
@@ -134,9 +135,12 @@ async function runCase(c: { agents: number; initialFirst: number | null; events:
   const oracleEvents = new Map<number, AgentEvent[]>();
   const poisoned = new Set<number>();
   let running = true;
-  const mergers = mergePools.map(async (pool) => {
+  // the direct merger merges every part; the proxied one, half the time, one part of staging (4) at random:
+  // part mergers and whole merges run concurrently
+  const mergers = mergePools.map(async (pool, m) => {
     while (running) {
-      await mergeNow(pool, { timeoutMs: 1500 }).catch((err: unknown) => mergeErrors.push(err));
+      const part = m === 1 && Math.random() < 0.5 ? { part: Math.floor(Math.random() * 4) } : {};
+      await mergeNow(pool, { timeoutMs: 1500, ...part }).catch((err: unknown) => mergeErrors.push(err));
       await new Promise((r) => setTimeout(r, Math.random() * 4));
     }
   });
