@@ -269,11 +269,30 @@ END
 $purge$;
 REVOKE ALL ON FUNCTION heartbeat.purge_events() FROM PUBLIC;
 
+-- The event-state lock, exclusively, waiting at most 250 ms in the queue: merges and
+-- direct writes hold it shared for a statement each, so the queue drains quickly, and
+-- the new ones that queue behind this request wait no longer than that.
+CREATE FUNCTION heartbeat.event_lock_briefly()
+RETURNS boolean
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = pg_catalog, pg_temp
+SET lock_timeout = '250ms'
+AS $lock$
+BEGIN
+    PERFORM pg_catalog.pg_advisory_xact_lock(1751474802, 3);
+    RETURN true;
+EXCEPTION WHEN lock_not_available THEN
+    RETURN false;
+END
+$lock$;
+REVOKE ALL ON FUNCTION heartbeat.event_lock_briefly() FROM PUBLIC;
+
 -- The sweep: moves the evaluation instant to now and records every agent whose
 -- status differs between the two instants (inactivity, connection timeouts),
--- then purges and publishes. `wait`: wait for the event-state lock (up to about
--- 0.5 s, or 2 s when the last sweep is more than 10 s old) instead of skipping
--- when merges or direct writes hold it. Skips when the last sweep ran less than
+-- then purges and publishes. `wait`: queue for the event-state lock (three times
+-- 250 ms at most, or 2 s when the last sweep is more than 10 s old) instead of
+-- skipping when merges or direct writes hold it. Skips when the last sweep ran less than
 -- one second ago. Returns the events it recorded (NULL when skipped).
 CREATE FUNCTION heartbeat.sweep_events(wait boolean)
 RETURNS bigint
@@ -300,11 +319,12 @@ BEGIN
     END IF;
     got := pg_catalog.pg_try_advisory_xact_lock(1751474802, 3);
     IF NOT got AND wait THEN
-        -- never queue behind merges for long (a waiting exclusive request holds up new shared ones)
-        FOR i IN 1 .. 10 LOOP
-            PERFORM pg_catalog.pg_sleep(0.05);
-            got := pg_catalog.pg_try_advisory_xact_lock(1751474802, 3);
+        -- never queue behind merges for long (a waiting exclusive request holds up new shared ones);
+        -- between tries, let what queued behind us through
+        FOR i IN 1 .. 3 LOOP
+            got := heartbeat.event_lock_briefly();
             EXIT WHEN got;
+            PERFORM pg_catalog.pg_sleep(0.02);
         END LOOP;
         IF NOT got AND st.swept_through < pg_catalog.clock_timestamp() - interval '10 seconds' THEN
             -- starved: wait in the queue, at most 2 s

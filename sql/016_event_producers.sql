@@ -372,7 +372,10 @@ BEGIN
              WHERE (SELECT c.n_newest > c.n_updated FROM counts c)
                AND NOT EXISTS (SELECT 1 FROM updated u WHERE u.id = n.agent_id)
         ), known AS MATERIALIZED (
-            -- the rows to change, locked, with their status before (from the row as locked)
+            -- the rows to change, locked, with their status before (from the row as locked). NOWAIT:
+            -- the steady path above already holds row locks taken in id order; waiting here for more
+            -- (a second pass, in id order again) could deadlock with disconnect_replica, which locks
+            -- in id order too. A locked row sends the merge to the slow path (55P03), which defers it.
             SELECT r.*, (o.updated_at < r.updated_at) AS newer,
                    heartbeat.status_at(o.first_connected_at, o.last_connected_at, o.disconnected_at,
                                        o.created_at, o.connection_timeout_seconds, $3, $6, $5) AS old_status
@@ -380,7 +383,7 @@ BEGIN
               JOIN public.workspace_agents o ON o.id = r.agent_id
              WHERE o.updated_at < r.updated_at
                 OR r.first_connected_at < COALESCE(o.first_connected_at, 'infinity')
-               FOR NO KEY UPDATE OF o
+               FOR NO KEY UPDATE OF o NOWAIT
         ), changed AS (
             -- a newer snapshot, or only an earlier first_connected_at (a snapshot too old to
             -- apply still tells when the agent first connected)

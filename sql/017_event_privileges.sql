@@ -66,7 +66,7 @@ BEGIN
         heartbeat.status_at(timestamptz, timestamptz, timestamptz, timestamptz, integer, timestamptz, timestamptz, timestamptz),
         heartbeat.event_reason(text, text, timestamptz, timestamptz),
         heartbeat.event_at(text, text, timestamptz, timestamptz, timestamptz, integer, interval, timestamptz),
-        heartbeat.event_clock(), heartbeat.publish_events(), heartbeat.purge_events(),
+        heartbeat.event_clock(), heartbeat.event_lock_briefly(), heartbeat.publish_events(), heartbeat.purge_events(),
         heartbeat.sweep_events(boolean), heartbeat.record_change(uuid, text, timestamptz, interval, timestamptz),
         heartbeat.merge_epilogue(boolean)
        TO heartbeat_definer;
