@@ -98,6 +98,16 @@ const COLUMNS = `rows_consumed, agents_updated, skipped_stale, skipped_unknown, 
   more, lock_holder_pid, (extract(epoch FROM lock_busy_since) * 1000000)::int8::text AS lock_busy_since_us`;
 const ALL_SQL = `SELECT ${COLUMNS} FROM heartbeat.merge_agent_connections($1::int4, make_interval(secs => $2::float8 / 1000), $3::text)`;
 const PART_SQL = `SELECT ${COLUMNS} FROM heartbeat.merge_staging_part($4::int4, $1::int4, make_interval(secs => $2::float8 / 1000), $3::text)`;
+/**
+ * The merger argument when the call is a transaction of its own (sql/018): it first sets, transaction-locally,
+ * that the merge may sweep at its end, and the least time between two sweeps ($5, ms), so that no second
+ * statement is needed for the sweep.
+ */
+const ownMergerArg = (gap: string): string => `(SELECT $3::text FROM (SELECT
+  pg_catalog.set_config('heartbeat.merge_in_own_transaction', 'on', true),
+  pg_catalog.set_config('heartbeat.sweep_min_gap', (${gap}::float8 / 1000)::text || ' seconds', true)) AS flags)`;
+const OWN_ALL_SQL = ALL_SQL.replace('$3::text)', `${ownMergerArg('$4')})`);
+const OWN_PART_SQL = PART_SQL.replace('$3::text)', `${ownMergerArg('$5')})`);
 
 /** An empty result, to add calls into. */
 export function emptyMergeResult(): MergeResult {
@@ -192,11 +202,19 @@ export async function readCommittedQuery<R extends pg.QueryResultRow>(
 export async function mergeStatement(
   client: pg.ClientBase,
   key: object,
-  args: { maxRows: number | null; minIntervalMs: number | null; part: number | null; merger?: string | null },
+  args: {
+    maxRows: number | null; minIntervalMs: number | null; part: number | null; merger?: string | null;
+    /** The statement is a transaction of its own (a pool's connection, not the caller's client): it may sweep. */
+    ownTransaction?: boolean;
+    /** With ownTransaction: sweep only when the last sweep is older than this (default 1,000 ms). */
+    sweepMinGapMs?: number;
+  },
 ): Promise<MergeResult> {
-  const sql = args.part === null ? ALL_SQL : PART_SQL;
+  const own = args.ownTransaction === true;
+  const sql = args.part === null ? (own ? OWN_ALL_SQL : ALL_SQL) : own ? OWN_PART_SQL : PART_SQL;
   const params: unknown[] = [args.maxRows, args.minIntervalMs, args.merger ?? null];
   if (args.part !== null) params.push(args.part);
+  if (own) params.push(args.sweepMinGapMs ?? 1000);
   const rows = await readCommittedQuery<MergeRow>(client, key, sql, params);
   return toMergeResult(rows[0]!);
 }
@@ -237,10 +255,11 @@ export async function mergeNow(
   const started = performance.now();
   const args = { maxRows, minIntervalMs, part };
 
-  const series = async (client: pg.ClientBase, key: object): Promise<MergeResult> => {
+  // own: a connection of a pool, not the caller's client (which may be inside the caller's transaction)
+  const series = async (client: pg.ClientBase, key: object, own = false): Promise<MergeResult> => {
     let total: MergeResult | undefined;
     for (;;) {
-      const r = await mergeStatement(client, key, args);
+      const r = await mergeStatement(client, key, { ...args, ownTransaction: own });
       if (total === undefined) total = r;
       else {
         addMergeResults(total, r);
@@ -271,7 +290,7 @@ export async function mergeNow(
     }
     const { pool, owned } = resolvePool(connection as ConnectionOptions | pg.Pool, silentLogger, 'pg-heartbeat merge', 1);
     try {
-      return await withClient(pool, (client) => series(client, pool), { deadlineMs: timeoutMs, what: 'merge', signal: options.signal });
+      return await withClient(pool, (client) => series(client, pool, true), { deadlineMs: timeoutMs, what: 'merge', signal: options.signal });
     } finally {
       if (owned) await endPool(pool, 5000);
     }

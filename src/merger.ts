@@ -170,6 +170,14 @@ class MergeLoop implements Merger {
   /** Staged rows per statement: the maxRows option, halved each time the server's statement_timeout cuts one off. */
   #maxRows: number | null;
 
+  /**
+   * The least time between two status sweeps asked of the merge (sql/018): the gap the skip-recent check uses,
+   * so replicas sweep about once per interval between them, and each merger at least once per own tick.
+   */
+  get #sweepMinGapMs(): number {
+    return Math.round(this.config.intervalMs * (1 - this.config.jitter) * 0.8);
+  }
+
   constructor(
     private readonly pool: pg.Pool,
     private readonly owned: boolean,
@@ -347,7 +355,9 @@ class MergeLoop implements Merger {
       try {
         return await withClient(
           this.pool,
-          (client) => mergeStatement(client, this.pool, { maxRows: this.#maxRows, merger: this.#id, ...args }),
+          (client) => mergeStatement(client, this.pool, {
+            maxRows: this.#maxRows, merger: this.#id, ownTransaction: true, sweepMinGapMs: this.#sweepMinGapMs, ...args,
+          }),
           { deadlineMs: this.config.queryTimeoutMs, what: 'merge', signal: this.#abort.signal },
         );
       } catch (err) {

@@ -320,6 +320,9 @@ describe('status events', () => {
       mergers.length = 0;
       await mergeNow(db.pool);
       await sweep();
+      // the fleet falls silent: every agent still connected goes inactive at the next sweep
+      await sleep(1_200);
+      await sweep();
 
       const { problems, events, reasons } = await eventChainProblems(db.pool, ids, () => 'connecting', start);
       assert.ok(events > ids.length, `a busy fleet changes status often (${events} events)`);
