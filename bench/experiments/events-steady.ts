@@ -7,7 +7,10 @@
  *    interleaved. Reported: the merging backend's CPU time (utime + stime from /proc/<pid>/stat,
  *    so the server's work only), per 100k heartbeats, for the merge alone and for merge + sweep
  *    (what a merger tick does in B), and the ratio B / A (means: /proc counts in 10 ms ticks).
- * 2. A disconnect storm in B: 10,000 agents connected through one replica, one
+ * 2. A connect wave: the same two databases, every agent disconnected, then a heartbeat for a third of them
+ *    merged at once (what a mass reconnect after an outage looks like): in B every row is a status change
+ *    (the merge's second step and one event each). Same measure.
+ * 3. A disconnect storm in B: 10,000 agents connected through one replica, one
  *    disconnect_replica(); the time until a LISTENing reader has read all 10,000 events.
  *
  *   node --import tsx bench/experiments/events-steady.ts [DATABASE_URL] [agents=100000] [rounds=8]
@@ -149,6 +152,26 @@ for (let i = 0; i < rounds; i++) {
 console.log(`${agents} agents, ${a.rows} heartbeats per merge, ${rounds} rounds each, interleaved; backend CPU ms per 100k heartbeats (mean):`);
 for (const s of [a, b]) console.log(`  ${s.name}: merge ${per100k(median(s.merge), s.rows)}, merge + sweep ${per100k(median(s.tick), s.rows)}`);
 console.log(`  ratio with / before: merge ${(median(b.merge) / median(a.merge)).toFixed(3)}, merge + sweep ${(median(b.tick) / median(a.tick)).toFixed(3)}`);
+// 2. the connect wave: every agent disconnected (a direct UPDATE, as after an outage), then merged back
+const wave = async (sd: Side): Promise<number> => {
+  await sd.client.query(`UPDATE public.workspace_agents SET disconnected_at = clock_timestamp(), updated_at = clock_timestamp()`);
+  if (sd.events) {
+    await sd.client.query('UPDATE heartbeat.event_state SET last_sweep_at = NULL');
+    await sd.client.query('SELECT heartbeat.sweep_status()');
+  }
+  await sd.client.query('VACUUM public.workspace_agents');
+  const before = sd.merge.length;
+  await round(sd, 0);
+  return sd.merge[before]!;
+};
+const waveA: number[] = [];
+const waveB: number[] = [];
+for (let i = 0; i < Math.max(2, Math.floor(rounds / 4)); i++) {
+  waveA.push(await wave(a));
+  waveB.push(await wave(b));
+}
+console.log(`connect wave (every merged agent disconnected -> connected; ${a.rows} per merge), backend CPU ms per 100k heartbeats (mean):`);
+console.log(`  before events ${per100k(median(waveA), a.rows)}, with events ${per100k(median(waveB), b.rows)}, ratio ${(median(waveB) / median(waveA)).toFixed(3)}`);
 await a.client.end();
 await b.client.end();
 await storm('hb_bench_events');
