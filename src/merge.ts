@@ -96,18 +96,24 @@ interface MergeRow {
 const COLUMNS = `rows_consumed, agents_updated, skipped_stale, skipped_unknown, skipped_invalid, deferred_locked,
   dead_lettered, status_events, status_swept, skipped_concurrent, parts, parts_merged, parts_skipped_concurrent, parts_skipped_recent, parts_more,
   more, lock_holder_pid, (extract(epoch FROM lock_busy_since) * 1000000)::int8::text AS lock_busy_since_us`;
-const ALL_SQL = `SELECT ${COLUMNS} FROM heartbeat.merge_agent_connections($1::int4, make_interval(secs => $2::float8 / 1000), $3::text)`;
-const PART_SQL = `SELECT ${COLUMNS} FROM heartbeat.merge_staging_part($4::int4, $1::int4, make_interval(secs => $2::float8 / 1000), $3::text)`;
 /**
- * The merger argument when the call is a transaction of its own (sql/018): it first sets, transaction-locally,
- * that the merge may sweep at its end, and the least time between two sweeps ($5, ms), so that no second
- * statement is needed for the sweep.
+ * The merge statement: every part (merge_agent_connections) or one ($4, merge_staging_part). Parameters: $1 max
+ * rows, $2 min interval (ms), $3 merger id, then the part, then, when the call is a transaction of its own, the
+ * least time between two sweeps (ms). In that case the merger argument first sets, transaction-locally, that the
+ * merge may sweep at its end (sql/018), so no second statement is needed for the sweep.
  */
-const ownMergerArg = (gap: string): string => `(SELECT $3::text FROM (SELECT
-  pg_catalog.set_config('heartbeat.merge_in_own_transaction', 'on', true),
-  pg_catalog.set_config('heartbeat.sweep_min_gap', (${gap}::float8 / 1000)::text || ' seconds', true)) AS flags)`;
-const OWN_ALL_SQL = ALL_SQL.replace('$3::text)', `${ownMergerArg('$4')})`);
-const OWN_PART_SQL = PART_SQL.replace('$3::text)', `${ownMergerArg('$5')})`);
+function mergeSql(onePart: boolean, own: boolean): string {
+  const gap = `$${onePart ? 5 : 4}`;
+  const merger = own
+    ? `(SELECT $3::text FROM (SELECT pg_catalog.set_config('heartbeat.merge_in_own_transaction', 'on', true),
+         pg_catalog.set_config('heartbeat.sweep_min_gap', (${gap}::float8 / 1000)::text || ' seconds', true)) AS flags)`
+    : '$3::text';
+  const args = `$1::int4, make_interval(secs => $2::float8 / 1000), ${merger}`;
+  return onePart
+    ? `SELECT ${COLUMNS} FROM heartbeat.merge_staging_part($4::int4, ${args})`
+    : `SELECT ${COLUMNS} FROM heartbeat.merge_agent_connections(${args})`;
+}
+const MERGE_SQL = { all: mergeSql(false, false), part: mergeSql(true, false), ownAll: mergeSql(false, true), ownPart: mergeSql(true, true) };
 
 /** An empty result, to add calls into. */
 export function emptyMergeResult(): MergeResult {
@@ -211,7 +217,7 @@ export async function mergeStatement(
   },
 ): Promise<MergeResult> {
   const own = args.ownTransaction === true;
-  const sql = args.part === null ? (own ? OWN_ALL_SQL : ALL_SQL) : own ? OWN_PART_SQL : PART_SQL;
+  const sql = args.part === null ? (own ? MERGE_SQL.ownAll : MERGE_SQL.all) : own ? MERGE_SQL.ownPart : MERGE_SQL.part;
   const params: unknown[] = [args.maxRows, args.minIntervalMs, args.merger ?? null];
   if (args.part !== null) params.push(args.part);
   if (own) params.push(args.sweepMinGapMs ?? 1000);
@@ -220,15 +226,17 @@ export async function mergeStatement(
 }
 
 /**
- * heartbeat.sweep_status(): records the time-based status changes (inactivity,
- * connection timeouts) and publishes pending events. Returns the events it
- * recorded, or null when it skipped (swept less than a second ago, or merges held
- * the event-state lock: the next sweep catches up).
+ * After a merge (or a series of them) that left no rows and did not sweep at its end: heartbeat.sweep_status(),
+ * the time-based status changes (inactivity, connection timeouts) and the publication of pending events. Adds
+ * what it recorded to `result`; `result.swept` stays false when it skipped (merges held the event-state lock:
+ * the next sweep catches up).
  */
-export async function sweepStatement(client: pg.ClientBase, key: object): Promise<number | null> {
+export async function sweepAfterMerge(client: pg.ClientBase, key: object, result: MergeResult): Promise<void> {
+  if (result.more || result.swept) return;
   const rows = await readCommittedQuery<{ n: string | null }>(client, key, 'SELECT heartbeat.sweep_status() AS n', []);
   const n = rows[0]?.n ?? null;
-  return n === null ? null : Number(n);
+  result.statusEvents += n === null ? 0 : Number(n);
+  result.swept = n !== null;
 }
 
 /**
@@ -270,11 +278,7 @@ export async function mergeNow(
       if (!drain || !r.more || performance.now() - started > timeoutMs / 2) break;
     }
     // the time-based status changes, once the backlog is merged (see docs/events.md)
-    if (!total.more && !total.swept) {
-      const n = await sweepStatement(client, key);
-      total.statusEvents += n ?? 0;
-      total.swept = n !== null;
-    }
+    await sweepAfterMerge(client, key, total);
     return total;
   };
 

@@ -20,7 +20,7 @@ import { endPool, resolvePool, withClient, type ConnectionOptions } from './conn
 import { toHeartbeatError, type HeartbeatError } from './errors.ts';
 import { checkTimingInvariant, type TimingOptions } from './invariant.ts';
 import { toLogger, type Logger } from './logger.ts';
-import { addMergeResults, emptyMergeResult, mergeStatement, sweepStatement, type MergeResult } from './merge.ts';
+import { addMergeResults, emptyMergeResult, mergeStatement, sweepAfterMerge, type MergeResult } from './merge.ts';
 import { notify } from './observers.ts';
 import { countOption, durationOption, fractionOption, functionOption } from './options.ts';
 import { callHook, safeLogger } from './safe-logger.ts';
@@ -382,11 +382,9 @@ class MergeLoop implements Merger {
    */
   async #sweep(result: MergeResult): Promise<void> {
     try {
-      const n = await withClient(this.pool, (client) => sweepStatement(client, this.pool), {
+      await withClient(this.pool, (client) => sweepAfterMerge(client, this.pool, result), {
         deadlineMs: this.config.queryTimeoutMs, what: 'heartbeat.sweep_status', signal: this.#abort.signal,
       });
-      result.statusEvents += n ?? 0;
-      result.swept = n !== null;
     } catch (err) {
       if (this.#stopping && this.#abort.signal.aborted) return;
       this.#stats.sweepFailures++;
