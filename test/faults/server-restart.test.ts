@@ -4,7 +4,8 @@
  * by itself; nothing only in the client's memory is lost; what sat in the
  * UNLOGGED staging table at a crash is emptied by crash recovery and resent by
  * the stager, which kept it until a merge consumed it: nothing is lost; with
- * durableStaging nothing staged is lost either (and the resend is harmless).
+ * durableStaging nothing staged is lost either (and the resend is harmless). Status events committed before
+ * a crash survive it, and a watcher listening across it reconnects and delivers each event once.
  */
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
@@ -15,6 +16,7 @@ import { mergeNow } from '../../src/merge.ts';
 import { migrate } from '../../src/migrate.ts';
 import { silentLogger } from '../../src/logger.ts';
 import { HeartbeatStager } from '../../src/stager.ts';
+import { watchStatusChanges, type StatusChange } from '../../src/status-events.ts';
 import { privateCluster } from '../support/private-cluster.ts';
 import { createAgents, stagedCount } from '../support/db.ts';
 import { recordingLogger, waitFor } from '../support/wait.ts';
@@ -157,6 +159,48 @@ describe('PostgreSQL restarted or crashed mid-run', () => {
     // and back: false makes it UNLOGGED again
     await migrate({ connectionString: env.db.url }, { logger: silentLogger, durableStaging: false });
     assert.equal(await isStagingDurable(env.db.pool), false);
+    assert.deepEqual(env.crashes, [], 'no unhandled rejection or exception');
+  });
+
+  test('crash (immediate) under a status-event watcher: committed events survive, the watcher reconnects, each event once', async () => {
+    const ids = await createAgents(env.db.pool, 3);
+    // connected agents (their first heartbeats are just now)
+    await env.db.pool.query(
+      'UPDATE public.workspace_agents SET first_connected_at = now(), last_connected_at = now(), updated_at = now() WHERE id = ANY($1::uuid[])',
+      [ids],
+    );
+    const seen: StatusChange[] = [];
+    const errors: unknown[] = [];
+    const watcher = watchStatusChanges({ connectionString: env.db.url }, {
+      since: 'now', timeoutMs: 2_000, pollIntervalMs: 500, retryInitialDelayMs: 50, retryMaxDelayMs: 500, logger: silentLogger,
+      onChange: (e) => void seen.push(e), onError: (err) => void errors.push(err),
+    });
+    try {
+      await watcher.ready;
+      const disconnect = (id: string): Promise<unknown> =>
+        env.db.pool.query('SELECT heartbeat.disconnect_agent($1, clock_timestamp(), clock_timestamp())', [id]);
+      await disconnect(ids[0]!);
+      await waitFor(() => seen.length === 1, 'the first event, before the crash', 10_000);
+
+      await env.cluster.stopServer('immediate'); // the crash, with the watcher connected
+      await env.cluster.start();
+      await waitFor(async () => (await disconnect(ids[1]!).then(() => true, () => false)), 'a disconnect after recovery', 30_000, 100);
+      await waitFor(() => seen.length >= 2, 'the event after recovery, through a new connection', 30_000);
+      await disconnect(ids[2]!);
+      await waitFor(() => seen.length >= 3, 'the next event', 10_000);
+
+      assert.deepEqual(seen.map((e) => [e.agentId, e.from, e.to, e.reason]), ids.map((id) => [id, 'connected', 'disconnected', 'disconnect']),
+        'each event once, in order');
+      assert.ok(seen[1]!.id > seen[0]!.id && seen[2]!.id > seen[1]!.id, 'ids keep increasing across the crash');
+      const { rows } = await env.db.pool.query<{ n: number }>(
+        'SELECT count(*)::int AS n FROM heartbeat.status_events WHERE agent_id = ANY($1::uuid[])', [ids],
+      );
+      assert.equal(rows[0]!.n, 3, 'the event committed before the crash is still there');
+      assert.ok(watcher.stats().connections >= 2, `the watcher reconnected (${watcher.stats().connections} connections)`);
+      assert.ok(errors.length >= 1, 'the lost connection was reported');
+    } finally {
+      await watcher.close();
+    }
     assert.deepEqual(env.crashes, [], 'no unhandled rejection or exception');
   });
 });
