@@ -97,23 +97,20 @@ const COLUMNS = `rows_consumed, agents_updated, skipped_stale, skipped_unknown, 
   dead_lettered, status_events, status_swept, skipped_concurrent, parts, parts_merged, parts_skipped_concurrent, parts_skipped_recent, parts_more,
   more, lock_holder_pid, (extract(epoch FROM lock_busy_since) * 1000000)::int8::text AS lock_busy_since_us`;
 /**
- * The merge statement: every part (merge_agent_connections) or one ($4, merge_staging_part). Parameters: $1 max
- * rows, $2 min interval (ms), $3 merger id, then the part, then, when the call is a transaction of its own, the
- * least time between two sweeps (ms). In that case the merger argument first sets, transaction-locally, that the
- * merge may sweep at its end (sql/018), so no second statement is needed for the sweep.
+ * The merge statements: every part (merge_agent_connections) or one (merge_staging_part). Parameters: $1 max rows,
+ * $2 min interval (ms), $3 merger id; when the call is a transaction of its own, $4 the least time between two
+ * sweeps (ms): the merger argument then first sets, transaction-locally, that the merge may sweep at its end
+ * (sql/018), so no second statement is needed for the sweep; then the part, when one.
  */
-function mergeSql(onePart: boolean, own: boolean): string {
-  const gap = `$${onePart ? 5 : 4}`;
-  const merger = own
-    ? `(SELECT $3::text FROM (SELECT pg_catalog.set_config('heartbeat.merge_in_own_transaction', 'on', true),
-         pg_catalog.set_config('heartbeat.sweep_min_gap', (${gap}::float8 / 1000)::text || ' seconds', true)) AS flags)`
-    : '$3::text';
-  const args = `$1::int4, make_interval(secs => $2::float8 / 1000), ${merger}`;
-  return onePart
-    ? `SELECT ${COLUMNS} FROM heartbeat.merge_staging_part($4::int4, ${args})`
-    : `SELECT ${COLUMNS} FROM heartbeat.merge_agent_connections(${args})`;
-}
-const MERGE_SQL = { all: mergeSql(false, false), part: mergeSql(true, false), ownAll: mergeSql(false, true), ownPart: mergeSql(true, true) };
+const MIN_INTERVAL_ARG = 'make_interval(secs => $2::float8 / 1000)';
+const OWN_MERGER = `(SELECT $3::text FROM (SELECT pg_catalog.set_config('heartbeat.merge_in_own_transaction', 'on', true),
+  pg_catalog.set_config('heartbeat.sweep_min_gap', ($4::float8 / 1000)::text || ' seconds', true)) AS flags)`;
+const MERGE_SQL = {
+  all: `SELECT ${COLUMNS} FROM heartbeat.merge_agent_connections($1::int4, ${MIN_INTERVAL_ARG}, $3::text)`,
+  part: `SELECT ${COLUMNS} FROM heartbeat.merge_staging_part($4::int4, $1::int4, ${MIN_INTERVAL_ARG}, $3::text)`,
+  ownAll: `SELECT ${COLUMNS} FROM heartbeat.merge_agent_connections($1::int4, ${MIN_INTERVAL_ARG}, ${OWN_MERGER})`,
+  ownPart: `SELECT ${COLUMNS} FROM heartbeat.merge_staging_part($5::int4, $1::int4, ${MIN_INTERVAL_ARG}, ${OWN_MERGER})`,
+};
 
 /** An empty result, to add calls into. */
 export function emptyMergeResult(): MergeResult {
@@ -219,8 +216,8 @@ export async function mergeStatement(
   const own = args.ownTransaction === true;
   const sql = args.part === null ? (own ? MERGE_SQL.ownAll : MERGE_SQL.all) : own ? MERGE_SQL.ownPart : MERGE_SQL.part;
   const params: unknown[] = [args.maxRows, args.minIntervalMs, args.merger ?? null];
-  if (args.part !== null) params.push(args.part);
   if (own) params.push(args.sweepMinGapMs ?? 1000);
+  if (args.part !== null) params.push(args.part);
   const rows = await readCommittedQuery<MergeRow>(client, key, sql, params);
   return toMergeResult(rows[0]!);
 }
