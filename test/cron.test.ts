@@ -97,6 +97,118 @@ describe('without pg_cron', () => {
   });
 });
 
+describe('merge lanes (sql/019): heartbeat.merge_loop(lane => k, lanes => n)', () => {
+  let db: TestDb;
+  let ids: string[];
+  before(async () => {
+    db = await createTestDb('lanes');
+    ids = await createAgents(db.pool, 4000);
+  });
+  after(async () => {
+    await db.drop();
+  });
+
+  /** Staged rows and merged_by of each part. */
+  const parts = async (): Promise<Map<number, { staged: number; mergedBy: string | null; merges: number }>> => {
+    const { rows } = await db.pool.query<{ part: number; staged: string; merged_by: string | null; merges: string | null }>(
+      `SELECT p.part, p.staged_rows AS staged, ms.merged_by, ms.merges_total AS merges
+         FROM heartbeat.part_status() p LEFT JOIN heartbeat.merge_state ms USING (part) ORDER BY p.part`);
+    return new Map(rows.map((r) => [r.part, { staged: Number(r.staged), mergedBy: r.merged_by, merges: Number(r.merges ?? 0) }]));
+  };
+  const stageAll = async (at: string): Promise<void> => {
+    await db.pool.query(
+      `INSERT INTO heartbeat.agent_connection_staging (agent_id, last_connected_at, updated_at)
+       SELECT unnest($1::uuid[]), $2::timestamptz, $2::timestamptz`,
+      [ids, at],
+    );
+  };
+  const call = async (sql: string): Promise<void> => {
+    const client = new pg.Client({ connectionString: db.url });
+    await client.connect();
+    try {
+      await client.query(sql);
+    } finally {
+      await client.end();
+    }
+  };
+
+  test('lane 1 of 2 drains its parts (1 and 3) when their last merge left rows, and pays nothing once they are drained', async () => {
+    await db.pool.query('UPDATE heartbeat.settings SET max_rows_per_merge = 400');
+    try {
+      await stageAll(new Date(Date.now() - 60_000).toISOString());
+      // one bounded merge of every part (100 rows each): every part left rows behind
+      const { rows } = await db.pool.query('SELECT more FROM heartbeat.merge_agent_connections()');
+      assert.equal(rows[0].more, true);
+      await call("CALL heartbeat.merge_loop(every => '5 seconds', run_for => '0', lane => 1, lanes => 2)");
+      let p = await parts();
+      assert.equal(p.size, 4, 'four parts (the default)');
+      for (const k of [1, 3]) {
+        assert.equal(p.get(k)!.staged, 0, `part ${k} drained by lane 1`);
+        assert.equal(p.get(k)!.mergedBy, 'pg_cron lane 1 of 2');
+      }
+      for (const k of [0, 2]) assert.ok(p.get(k)!.staged > 0, `part ${k} is lane 0's: left alone`);
+      // drained, merged quickly: the next instant of lane 1 merges nothing (a small fleet pays one call per interval)
+      const before = [p.get(1)!.merges, p.get(3)!.merges];
+      await call("CALL heartbeat.merge_loop(every => '5 seconds', run_for => '0', lane => 1, lanes => 2)");
+      p = await parts();
+      assert.deepEqual([p.get(1)!.merges, p.get(3)!.merges], before, 'no merge call for parts that need none');
+      // lane 0 merges every part in one call and drains the rest
+      await call("CALL heartbeat.merge_loop(every => '5 seconds', run_for => '0', lane => 0, lanes => 2)");
+      p = await parts();
+      for (const k of [0, 1, 2, 3]) assert.equal(p.get(k)!.staged, 0, `part ${k}`);
+      assert.equal(p.get(0)!.mergedBy, 'pg_cron lane 0 of 2');
+    } finally {
+      await db.pool.query('UPDATE heartbeat.settings SET max_rows_per_merge = DEFAULT');
+    }
+  });
+
+  test('two lanes running at once share a backlog without waiting for each other; every agent gets its newest row', async () => {
+    await db.pool.query('UPDATE heartbeat.settings SET max_rows_per_merge = 200');
+    try {
+      const at = new Date(Date.now() - 30_000).toISOString();
+      await stageAll(new Date(Date.now() - 40_000).toISOString());
+      await stageAll(at);
+      await db.pool.query('SELECT * FROM heartbeat.merge_agent_connections()');
+      const t0 = Date.now();
+      await Promise.all([0, 1].map((lane) =>
+        call(`CALL heartbeat.merge_loop(every => '5 seconds', run_for => '0', lane => ${lane}, lanes => 2)`)));
+      const took = Date.now() - t0;
+      const p = await parts();
+      for (const k of [0, 1, 2, 3]) assert.equal(p.get(k)!.staged, 0, `part ${k} drained (in ${took} ms)`);
+      const { rows } = await db.pool.query<{ n: string }>(
+        'SELECT count(*) AS n FROM public.workspace_agents WHERE id = ANY ($1::uuid[]) AND last_connected_at = $2::timestamptz', [ids, at]);
+      assert.equal(Number(rows[0]!.n), ids.length);
+    } finally {
+      await db.pool.query('UPDATE heartbeat.settings SET max_rows_per_merge = DEFAULT');
+    }
+  });
+
+  test('a lane covers its parts when nobody merged them for two intervals (lane 0 not running)', async () => {
+    await stageAll(new Date(Date.now() - 20_000).toISOString());
+    await db.pool.query('SELECT * FROM heartbeat.merge_agent_connections()');  // drained, by "lane 0"
+    await stageAll(new Date(Date.now() - 10_000).toISOString());
+    // within two intervals of that merge: nothing to do for lane 1
+    await call("CALL heartbeat.merge_loop(every => '1 second', run_for => '0', lane => 1, lanes => 2)");
+    let p = await parts();
+    assert.ok(p.get(1)!.staged > 0 && p.get(3)!.staged > 0, 'parts 1 and 3 still staged right after a merge');
+    await new Promise((r) => setTimeout(r, 2200));
+    await call("CALL heartbeat.merge_loop(every => '1 second', run_for => '0', lane => 1, lanes => 2)");
+    p = await parts();
+    assert.equal(p.get(1)!.staged, 0);
+    assert.equal(p.get(3)!.staged, 0);
+    assert.ok(p.get(0)!.staged > 0 && p.get(2)!.staged > 0, 'lane 1 never touches lane 0\'s parts');
+    await db.pool.query('SELECT * FROM heartbeat.merge_agent_connections()');
+  });
+
+  test('lane and lanes are checked', async () => {
+    for (const [lane, lanes] of [[2, 2], [-1, 2], [0, 0], [0, 65]] as const) {
+      await assert.rejects(db.pool.query(`CALL heartbeat.merge_loop(every => '5 seconds', run_for => '0', lane => ${lane}, lanes => ${lanes})`),
+        { code: '22023' }, `lane ${lane} of ${lanes}`);
+    }
+    await assert.rejects(db.pool.query("SELECT * FROM heartbeat.merge_job('5 seconds', 0)"), { code: '22023' });
+  });
+});
+
 // pg_cron must be installed for the server binaries in use (Debian: postgresql-15-cron).
 const binDir = findBinDir();
 const cronLibrary = join(dirname(binDir), 'lib', 'pg_cron.so');
@@ -164,6 +276,21 @@ describe('with pg_cron', { skip }, () => {
       assert.match(err.message, /pg_cron lives in database postgres .*cron\.schedule_in_database/);
       return true;
     });
+    // lanes: one job per lane, lane 0 keeps the job; fewer lanes later removes the extra ones
+    const three = await scheduleMerge({ pool: db.pool }, { lanes: 3, logger: silentLogger });
+    assert.equal(three.jobId, first.jobId, 'lane 0 is the same job');
+    assert.deepEqual(three.lanes.map((l) => l.jobName), [first.jobName, `${first.jobName}-lane-1`, `${first.jobName}-lane-2`]);
+    for (const l of three.lanes) {
+      const [job] = await jobs(l.jobName);
+      assert.equal(job!.database, db.name);
+      assert.equal(String(l.jobId), String(job!.jobid));
+      assert.match(job!.command, new RegExp(`lane => ${l.lane}, lanes => 3\\)$`));
+    }
+    const two = await scheduleMerge({ pool: db.pool }, { lanes: 2, logger: silentLogger });
+    assert.equal(two.lanes.length, 2);
+    assert.deepEqual(await jobs(`${first.jobName}-lane-2`), [], 'the third lane is unscheduled');
+    assert.equal((await jobs(`${first.jobName}-lane-1`)).length, 1);
+    await assert.rejects(scheduleMerge({ pool: db.pool }, { lanes: 0, logger: silentLogger }), /lanes must be from 1 to 64/);
   });
 
   test('staged heartbeats reach workspace_agents through pg_cron alone, merged every interval', async () => {
@@ -182,11 +309,18 @@ describe('with pg_cron', { skip }, () => {
     console.log(`pg_cron: first merge ${Math.round(firstMergeAfterMs / 1000)} s after staging; merges continue in the loop`);
     for (const id of ids) assert.notEqual((await agentRow(db.pool, id)).last_connected_at, null);
     assert.equal(await stagedCount(db.pool), 0);
+    // both lanes (scheduled by the test above) run: lane 1's loop started and has not failed
+    const runs = await admin.query<{ status: string; return_message: string | null }>(
+      `SELECT d.status, d.return_message FROM cron.job_run_details d JOIN cron.job j USING (jobid) WHERE j.jobname = $1`,
+      [`pg-heartbeat-merge-${db.name}-lane-1`]);
+    assert.ok(runs.rows.length > 0, 'lane 1 ran');
+    for (const r of runs.rows) assert.ok(r.status === 'running' || r.status === 'succeeded' || r.status === 'starting', JSON.stringify(r));
   });
 
   test('unschedule removes the job; again is a no-op', async () => {
     assert.equal(await unscheduleMerge({ connectionString: db.url }, { logger: silentLogger }), true);
     assert.deepEqual(await jobs(`pg-heartbeat-merge-${db.name}`), []);
+    assert.deepEqual(await jobs(`pg-heartbeat-merge-${db.name}-lane-1`), [], 'every lane');
     assert.equal(await unscheduleMerge({ pool: db.pool }, { logger: silentLogger }), false);
     const status = await readStatus({ pool: db.pool }, { logger: silentLogger });
     assert.equal(status.cron.scheduled, false);
@@ -265,9 +399,13 @@ describe('with pg_cron', { skip }, () => {
     const viaTs = await scheduleMerge({ pool: admin }, { logger: silentLogger });
     assert.equal(String(viaTs.jobId), a.rows[0].job_id);
     assert.equal((await jobs('pg-heartbeat-merge')).length, 1);
+    const laned = await admin.query("SELECT job_name, lane, command FROM heartbeat.schedule_merge('5 seconds', lanes => 2) ORDER BY lane");
+    assert.deepEqual(laned.rows.map((r) => r.job_name), ['pg-heartbeat-merge', 'pg-heartbeat-merge-lane-1']);
+    assert.equal((await jobs('pg-heartbeat-merge-lane-1')).length, 1);
     let status = await admin.query('SELECT cron_job, cron_scheduled FROM heartbeat.status');
     assert.deepEqual(status.rows[0], { cron_job: 'pg-heartbeat-merge', cron_scheduled: true });
     assert.deepEqual((await admin.query('SELECT heartbeat.unschedule_merge() AS r')).rows[0], { r: true });
+    assert.deepEqual(await jobs('pg-heartbeat-merge-lane-1'), [], 'lane 1 unscheduled too');
     assert.deepEqual((await admin.query('SELECT heartbeat.unschedule_merge() AS r')).rows[0], { r: false });
     status = await admin.query('SELECT cron_job, cron_scheduled FROM heartbeat.status');
     assert.deepEqual(status.rows[0], { cron_job: null, cron_scheduled: false });
