@@ -109,17 +109,20 @@ describe('a stager frozen mid-COPY', () => {
       onError: (error) => errors.push({ at: Date.now(), error }),
     });
     cleanups.push(() => stager.close());
+    // the freeze lands inside the one COPY of 200,000 rows (binary, ~80 bytes a row: ~16 MB), after
+    // ~4 MB of it: armed before staging, it triggers on the bytes forwarded, not on a poll that a
+    // quick COPY could outrun
+    const frozen = p.freezeAfter(4_000_000);
     for (const agentId of ids) stager.stage({ agentId, lastConnectedAt: at(1), updatedAt: at(1) });
+    let noCopy: NodeJS.Timeout | undefined;
+    await Promise.race([frozen, new Promise((_, reject) => { noCopy = setTimeout(() => reject(new Error('no COPY of 4 MB within 60 s')), 60_000); })]);
+    clearTimeout(noCopy);
+    const frozenAt = Date.now();
     // a COPY that is part way through its rows: the server has some, the rest is still coming
     const mid = await waitFor(async () => {
       const copy = await progress();
-      if (copy && copy.tuples > 0 && copy.tuples < N / 2) {
-        p.freeze();
-        return copy;
-      }
-      return undefined;
-    }, 'a COPY part way through its rows', 60_000, 2);
-    const frozenAt = Date.now();
+      return copy && copy.tuples > 0 ? copy : undefined;
+    }, 'the server-side COPY, part way through its rows', 10_000);
     // the server has seen only part of the rows, and sees no more: the COPY is frozen mid-stream
     await new Promise((r) => setTimeout(r, 300));
     const stuck = await progress();

@@ -5,6 +5,7 @@
  *   const client = new pg.Client({ connectionString: proxy.url(db.url) });
  *   ...
  *   proxy.freeze();            // every existing connection goes silent; new ones still work
+ *   await proxy.freezeAfter(4e6); // ...once some connection has sent 4 MB more to the server (mid-COPY)
  *   proxy.freeze({ newConnections: true }); // ...and new ones are accepted but never forwarded (blackhole)
  *   proxy.thaw();              // the network heals: held bytes are delivered, forwarding resumes
  *   proxy.reset();             // every existing connection gets a TCP RST (ECONNRESET at the client)
@@ -52,6 +53,12 @@ export interface FreezeProxy {
   url(url: string): string;
   /** Silences every existing connection (both directions); with `newConnections`, later ones too. */
   freeze(options?: FreezeOptions): void;
+  /**
+   * Arms a freeze (of every existing connection) for the moment one connection has forwarded `bytes`
+   * more from its client to the server: a freeze at a known point inside a long stream (a COPY), with
+   * no race against the stream finishing. Resolves when it froze.
+   */
+  freezeAfter(bytes: number): Promise<void>;
   /** Resumes every frozen connection (held bytes are delivered first) and stops blackholing new ones. */
   thaw(): void;
   /** Aborts every existing connection with a TCP RST towards the client (and closes its upstream side). */
@@ -87,6 +94,8 @@ export async function startFreezeProxy(targetPort: number, targetHost = '127.0.0
   let blackhole = false;
   let accepted = 0;
   let closed = false;
+  /** freezeAfter(): bytes still to forward client-to-server per connection, and what to call when it froze. */
+  let trigger: { bytes: number; sent: WeakMap<Pair, number>; fire: () => void } | undefined;
 
   const other = (pair: Pair, side: Side): Socket | undefined => (side === 'client' ? pair.upstream : pair.client);
 
@@ -120,6 +129,11 @@ export async function startFreezeProxy(targetPort: number, targetHost = '127.0.0
     socket.on('data', (chunk: Buffer) => {
       if (pair.frozen) pair.held.push({ from: side, chunk });
       else deliver(pair, side, chunk);
+      if (trigger && side === 'client' && !pair.frozen) {
+        const sent = (trigger.sent.get(pair) ?? 0) + chunk.length;
+        trigger.sent.set(pair, sent);
+        if (sent >= trigger.bytes) trigger.fire();
+      }
     });
     socket.on('end', () => {
       if (pair.frozen) pair.held.push({ from: side, chunk: null });
@@ -199,6 +213,19 @@ export async function startFreezeProxy(targetPort: number, targetHost = '127.0.0
     freeze(options: FreezeOptions = {}): void {
       for (const pair of pairs) freezePair(pair);
       if (options.newConnections) blackhole = true;
+    },
+    freezeAfter(bytes: number): Promise<void> {
+      return new Promise<void>((resolve) => {
+        trigger = {
+          bytes,
+          sent: new WeakMap(),
+          fire: () => {
+            trigger = undefined;
+            for (const pair of pairs) freezePair(pair);
+            resolve();
+          },
+        };
+      });
     },
     thaw(): void {
       blackhole = false;
