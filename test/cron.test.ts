@@ -402,6 +402,9 @@ describe('with pg_cron', { skip }, () => {
     const laned = await admin.query("SELECT job_name, lane, command FROM heartbeat.schedule_merge('5 seconds', lanes => 2) ORDER BY lane");
     assert.deepEqual(laned.rows.map((r) => r.job_name), ['pg-heartbeat-merge', 'pg-heartbeat-merge-lane-1']);
     assert.equal((await jobs('pg-heartbeat-merge-lane-1')).length, 1);
+    await admin.query("SELECT * FROM heartbeat.schedule_merge('5 seconds')");
+    assert.deepEqual(await jobs('pg-heartbeat-merge-lane-1'), [], 'one lane again: the second lane is unscheduled');
+    await admin.query("SELECT * FROM heartbeat.schedule_merge('5 seconds', lanes => 2)");
     let status = await admin.query('SELECT cron_job, cron_scheduled FROM heartbeat.status');
     assert.deepEqual(status.rows[0], { cron_job: 'pg-heartbeat-merge', cron_scheduled: true });
     assert.deepEqual((await admin.query('SELECT heartbeat.unschedule_merge() AS r')).rows[0], { r: true });
