@@ -318,7 +318,7 @@ class MergeLoop implements Merger {
         if (signal.aborted) break;
         failures++;
         if (failures === 1) {
-          this.logger.warn(`merger: cannot listen for other mergers' merges (${toHeartbeatError(err, 'LISTEN').message}); ` +
+          this.logger.warn(`merger: cannot listen for other mergers' merges (${toHeartbeatError(err, 'listening for merges').message}); ` +
             'merging on its own schedule meanwhile, retrying with backoff');
         }
       }
@@ -332,6 +332,13 @@ class MergeLoop implements Merger {
 
   /** Whether the last merge statement of a tick announced itself (NOTIFY). */
   #notified = false;
+  /**
+   * With listening: 'lead' after a tick whose merge of every part was announced, 'follow' after a tick skipped on
+   * another's announcement, 'none' otherwise. Aligned ticks of a leader fall on the grid instant itself, a follower's
+   * in the second half of the jitter window, so the leader's NOTIFY arrives before them (without this, two
+   * replicas' random offsets a merge's duration apart both merge, and neither merges every part).
+   */
+  #role: 'lead' | 'follow' | 'none' = 'none';
 
   /** Set when the LISTEN connection was reset for a missed own notification (so reconnects back off). */
   #echoMissed = false;
@@ -389,7 +396,9 @@ class MergeLoop implements Merger {
         delay = 0;
       } else {
         this.#slot = this.#slot === undefined ? current + 1 : Math.max(this.#slot + 1, current);
-        delay = this.#slot * intervalMs + Math.random() * jitter * intervalMs - wall;
+        const window = jitter * intervalMs;
+        const offset = this.#role === 'lead' ? 0 : this.#role === 'follow' ? window / 2 + (Math.random() * window) / 2 : Math.random() * window;
+        delay = this.#slot * intervalMs + offset - wall;
       }
     } else {
       delay = now ? 0 : since + intervalMs * (1 + jitter * (2 * Math.random() - 1)) - performance.now();
@@ -409,6 +418,7 @@ class MergeLoop implements Merger {
     if (this.#skipHeard(this.#minIntervalMs)) {
       this.#skipsInRow++;
       this.#stats.skippedNotified++;
+      this.#role = 'follow';
       this.logger.debug('merge tick skipped: another merger merged every part just now (heard by NOTIFY)');
       this.#schedule();
       return;
@@ -445,6 +455,7 @@ class MergeLoop implements Merger {
       if (this.#stopping && this.#abort.signal.aborted) return false;
       this.#stats.failures++;
       this.#stats.consecutiveFailures++;
+      this.#role = 'none';
       this.logger.error(`${error.message}; retrying in about ${Math.round(intervalMs)} ms`, {
         error,
         consecutiveFailures: this.#stats.consecutiveFailures,
@@ -454,6 +465,7 @@ class MergeLoop implements Merger {
     }
     const durationMs = Math.round((performance.now() - t0) * 10) / 10;
     if (listening && this.#notified && this.#listen?.listening) this.#echoDue ??= { since: performance.now(), echoesBefore };
+    if (this.config.listenConfig) this.#role = this.#notified ? 'lead' : 'none';
     this.#stats.consecutiveFailures = 0;
     this.#stats.rowsConsumed += result.rowsConsumed;
     this.#stats.deadLettered += result.deadLettered;

@@ -304,8 +304,9 @@ describe('ticks on the grid, and skipping a tick another merger did (NOTIFY)', (
 
   test('a merger that hears another merger\'s merge of every part skips its tick without sending a statement', async () => {
     const ids = await createAgents(db.pool, 10);
-    const INTERVAL = 500;
-    // the leader ticks right at each grid instant; the follower 0 to 450 ms later, after the leader's NOTIFY
+    const INTERVAL = 1000;
+    // the leader ticks right at each grid instant; the follower 0 to 900 ms later (450 to 900 once it follows),
+    // after the leader's NOTIFY even on a busy machine
     const leaderReports: MergeReport[] = [];
     const leader = startMerger({ connectionString: db.url }, {
       intervalMs: INTERVAL, jitter: 0, logger: silentLogger, onMerge: (r) => leaderReports.push(r), applicationName: 'notify-leader',
@@ -320,7 +321,7 @@ describe('ticks on the grid, and skipping a tick another merger did (NOTIFY)', (
       const startCheckouts = counted.checkouts();
       const feeding = setInterval(() => void stage(ids, new Date()).catch(() => {}), 100);
       try {
-        await new Promise((r) => setTimeout(r, 10 * INTERVAL));
+        await new Promise((r) => setTimeout(r, 8 * INTERVAL));
       } finally {
         clearInterval(feeding);
       }
@@ -329,11 +330,11 @@ describe('ticks on the grid, and skipping a tick another merger did (NOTIFY)', (
       const asked = s.merges + s.skippedRecent + s.skippedConcurrent + s.failures
         - (startStats.merges + startStats.skippedRecent + startStats.skippedConcurrent + startStats.failures);
       const checkouts = counted.checkouts() - startCheckouts;
-      console.log(`follower over 10 intervals: ${skipped} ticks skipped on NOTIFY, ${asked} ticks asked the database (${checkouts} statements)`);
-      assert.ok(skipped >= 6, `ticks skipped on notifications: ${skipped} (asked: ${asked})`);
+      console.log(`follower over 8 intervals: ${skipped} ticks skipped on NOTIFY, ${asked} ticks asked the database (${checkouts} statements)`);
+      assert.ok(skipped >= 5, `ticks skipped on notifications: ${skipped} (asked: ${asked})`);
       assert.ok(asked <= 3, `ticks that sent a statement: ${asked}`);
       assert.ok(checkouts <= 2 * asked, `statements ${checkouts} for ${asked} ticks that asked: a skipped tick sends none`);
-      assert.ok(leaderReports.filter((r) => r.partsMerged > 0).length >= 8, 'the leader merged every interval');
+      assert.ok(leaderReports.filter((r) => r.partsMerged > 0).length >= 7, 'the leader merged every interval');
     } finally {
       await Promise.all([leader.close(), follower.close()]);
       await counted.pool.end();
