@@ -232,6 +232,18 @@ class MergeLoop implements Merger {
   #echoes = 0;
   /** An own merge's notification that should come back: since when, and the count of echoes before it. */
   #echoDue: { since: number; echoesBefore: number } | undefined;
+  /** Whether the last merge statement of a tick announced itself (NOTIFY). */
+  #notified = false;
+  /**
+   * With listening: 'lead' after a tick whose merge of every part was announced, 'follow' after a tick skipped on
+   * another's announcement, 'none' otherwise. Aligned ticks of a leader fall on the grid instant itself, a follower's
+   * in the second half of the jitter window, so the leader's NOTIFY arrives before them (without this, two
+   * replicas' random offsets a merge's duration apart both merge, and neither merges every part).
+   */
+  #role: 'lead' | 'follow' | 'none' = 'none';
+
+  /** Set when the LISTEN connection was reset for a missed own notification (so reconnects back off). */
+  #echoMissed = false;
 
   /**
    * The least time between two status sweeps asked of the merge (sql/018): the gap the skip-recent check uses,
@@ -329,19 +341,6 @@ class MergeLoop implements Merger {
     }
     source.reset();
   }
-
-  /** Whether the last merge statement of a tick announced itself (NOTIFY). */
-  #notified = false;
-  /**
-   * With listening: 'lead' after a tick whose merge of every part was announced, 'follow' after a tick skipped on
-   * another's announcement, 'none' otherwise. Aligned ticks of a leader fall on the grid instant itself, a follower's
-   * in the second half of the jitter window, so the leader's NOTIFY arrives before them (without this, two
-   * replicas' random offsets a merge's duration apart both merge, and neither merges every part).
-   */
-  #role: 'lead' | 'follow' | 'none' = 'none';
-
-  /** Set when the LISTEN connection was reset for a missed own notification (so reconnects back off). */
-  #echoMissed = false;
 
   /** A notification on pg_heartbeat_merged: the payload is the merger's id ('' for mergeNow()). */
   #heard(payload: string): void {

@@ -154,7 +154,7 @@ const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout
  * heartbeat.agent_connection_staging with binary COPY.
  *
  * ```ts
- * await using stager = new HeartbeatStager({ connectionString }, { flushIntervalMs: 2000 });
+ * await using stager = new HeartbeatStager({ connectionString }, { flushIntervalMs: 5000 });
  * stager.stage({ agentId, lastConnectedAt: new Date(), updatedAt: new Date() });
  * ```
  */
