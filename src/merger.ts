@@ -142,6 +142,8 @@ const MIN_ROWS_PER_STATEMENT = 1_000;
 const DEFAULT_JITTER = 0.1;
 /** At most this many ticks in a row are skipped on notifications alone; the next one asks the database. */
 const MAX_SKIPS_HEARD = 12;
+/** Ticks in a row that find every part merged elsewhere, unheard, before the LISTEN connection is deemed deaf. */
+const DEAF_TICKS = 3;
 /** Backoff of the LISTEN connection after failures: first delay, longest delay. */
 const LISTEN_RETRY_MS = [1_000, 300_000] as const;
 
@@ -244,6 +246,8 @@ class MergeLoop implements Merger {
 
   /** Set when the LISTEN connection was reset for a missed own notification (so reconnects back off). */
   #echoMissed = false;
+  /** Ticks in a row that found every part merged by another merger without having heard it. */
+  #deafTicks = 0;
 
   /**
    * The least time between two status sweeps asked of the merge (sql/018): the gap the skip-recent check uses,
@@ -372,10 +376,34 @@ class MergeLoop implements Merger {
       return false;
     }
     if (this.#skipsInRow >= MAX_SKIPS_HEARD) return false;
+    return this.#heardRecently(minIntervalMs);
+  }
+
+  /** Another merger's merge of every part was heard since this tick's grid instant (aligned), or less than minIntervalMs ago. */
+  #heardRecently(minIntervalMs: number): boolean {
     if (this.config.align) {
       return this.#heardAtWall !== undefined && this.#slot !== undefined && this.#heardAtWall >= this.#slot * this.config.intervalMs;
     }
-    return this.#heardAt !== undefined && now - this.#heardAt < minIntervalMs;
+    return this.#heardAt !== undefined && performance.now() - this.#heardAt < minIntervalMs;
+  }
+
+  /**
+   * A tick the database answered with "every part was merged by another merger just now" while nothing was heard:
+   * such merges are announced (unless pg_cron's loop or an older version merged), so the LISTEN connection may be
+   * deaf (frozen while this merger only follows). After DEAF_TICKS such ticks in a row it is reset and reconnected,
+   * with the backoff of a missed own notification.
+   */
+  #checkDeaf(result: MergeResult, listening: boolean, minIntervalMs: number): void {
+    const allRecent = result.parts > 0 && result.partsMerged === 0 && result.partsSkippedRecent === result.parts;
+    if (!listening || !allRecent || this.#heardRecently(minIntervalMs)) {
+      this.#deafTicks = 0;
+      return;
+    }
+    if (++this.#deafTicks < DEAF_TICKS) return;
+    this.#deafTicks = 0;
+    this.logger.warn('merger: other mergers merged every part but the LISTEN connection delivered nothing; reconnecting it');
+    this.#echoMissed = true;
+    this.#listen?.reset();
   }
 
   /**
@@ -465,6 +493,7 @@ class MergeLoop implements Merger {
     const durationMs = Math.round((performance.now() - t0) * 10) / 10;
     if (listening && this.#notified && this.#listen?.listening) this.#echoDue ??= { since: performance.now(), echoesBefore };
     if (this.config.listenConfig) this.#role = this.#notified ? 'lead' : 'none';
+    this.#checkDeaf(result, listening, minIntervalMs);
     this.#stats.consecutiveFailures = 0;
     this.#stats.rowsConsumed += result.rowsConsumed;
     this.#stats.deadLettered += result.deadLettered;

@@ -305,39 +305,48 @@ describe('ticks on the grid, and skipping a tick another merger did (NOTIFY)', (
   test('a merger that hears another merger\'s merge of every part skips its tick without sending a statement', async () => {
     const ids = await createAgents(db.pool, 10);
     const INTERVAL = 1000;
-    // the leader ticks right at each grid instant; the follower 0 to 900 ms later (450 to 900 once it follows),
-    // after the leader's NOTIFY even on a busy machine
-    const leaderReports: MergeReport[] = [];
-    const leader = startMerger({ connectionString: db.url }, {
-      intervalMs: INTERVAL, jitter: 0, logger: silentLogger, onMerge: (r) => leaderReports.push(r), applicationName: 'notify-leader',
-    });
-    const counted = countingPool(db.url);
-    const follower = startMerger({ pool: counted.pool }, {
-      intervalMs: INTERVAL, jitter: 0.9, logger: silentLogger, applicationName: 'notify-follower',
+    // three replicas as deployed: the one whose merge of every part was announced last ticks at each grid instant,
+    // the others 250 to 500 ms later, after its NOTIFY, and skip
+    const replicas = [0, 1, 2].map((i) => {
+      const counted = countingPool(db.url);
+      const reports: MergeReport[] = [];
+      const merger = startMerger({ pool: counted.pool }, {
+        intervalMs: INTERVAL, jitter: 0.5, logger: silentLogger, onMerge: (r) => reports.push(r), applicationName: `notify-${i}`,
+      });
+      return { counted, reports, merger };
     });
     try {
-      await waitFor('the follower listening', async () => (await listenBackends('notify-follower')).length === 1 && follower.stats().listenConnections === 1);
-      const startStats = follower.stats();
-      const startCheckouts = counted.checkouts();
+      await waitFor('every replica listening', () => replicas.every((r) => r.merger.stats().listenConnections === 1));
+      // two intervals to settle who leads
+      await new Promise((r) => setTimeout(r, 2 * INTERVAL));
+      const start = replicas.map((r) => ({ stats: r.merger.stats(), checkouts: r.counted.checkouts(), reports: r.reports.length }));
       const feeding = setInterval(() => void stage(ids, new Date()).catch(() => {}), 100);
       try {
         await new Promise((r) => setTimeout(r, 8 * INTERVAL));
       } finally {
         clearInterval(feeding);
       }
-      const s = follower.stats();
-      const skipped = s.skippedNotified - startStats.skippedNotified;
-      const asked = s.merges + s.skippedRecent + s.skippedConcurrent + s.failures
-        - (startStats.merges + startStats.skippedRecent + startStats.skippedConcurrent + startStats.failures);
-      const checkouts = counted.checkouts() - startCheckouts;
-      console.log(`follower over 8 intervals: ${skipped} ticks skipped on NOTIFY, ${asked} ticks asked the database (${checkouts} statements)`);
-      assert.ok(skipped >= 5, `ticks skipped on notifications: ${skipped} (asked: ${asked})`);
-      assert.ok(asked <= 3, `ticks that sent a statement: ${asked}`);
-      assert.ok(checkouts <= 2 * asked, `statements ${checkouts} for ${asked} ticks that asked: a skipped tick sends none`);
-      assert.ok(leaderReports.filter((r) => r.partsMerged > 0).length >= 7, 'the leader merged every interval');
+      let skipped = 0;
+      let asked = 0;
+      let merged = 0;
+      for (const [i, r] of replicas.entries()) {
+        const s = r.merger.stats();
+        const s0 = start[i]!.stats;
+        const ownSkipped = s.skippedNotified - s0.skippedNotified;
+        const ownAsked = s.merges + s.skippedRecent + s.skippedConcurrent + s.failures - (s0.merges + s0.skippedRecent + s0.skippedConcurrent + s0.failures);
+        const checkouts = r.counted.checkouts() - start[i]!.checkouts;
+        assert.ok(checkouts <= 2 * ownAsked, `replica ${i}: ${checkouts} statements for ${ownAsked} ticks that asked: a skipped tick sends none`);
+        skipped += ownSkipped;
+        asked += ownAsked;
+        merged += r.reports.slice(start[i]!.reports).filter((x) => x.partsMerged > 0).length;
+      }
+      console.log(`3 replicas over 8 intervals: ${skipped} ticks skipped on NOTIFY, ${asked} asked the database, ${merged} merged`);
+      // 24 ticks: on a quiet machine 8 merge and 16 skip; a late timer now and then makes two of them ask
+      assert.ok(skipped >= 10, `ticks skipped on notifications: ${skipped} (asked: ${asked})`);
+      assert.ok(merged >= 7, `every interval merged: ${merged} merges in 8 intervals`);
     } finally {
-      await Promise.all([leader.close(), follower.close()]);
-      await counted.pool.end();
+      await Promise.all(replicas.map((r) => r.merger.close()));
+      await Promise.all(replicas.map((r) => r.counted.pool.end()));
     }
     await mergeNow({ pool: db.pool });
     for (const id of ids) assert.notEqual((await agentRow(db.pool, id)).last_connected_at, null, 'the staged heartbeats were merged');
@@ -371,13 +380,13 @@ describe('ticks on the grid, and skipping a tick another merger did (NOTIFY)', (
 
   test('safe direction: with its LISTEN connection frozen (half-open) a merger asks the database on every tick, and reconnects', async () => {
     await createAgents(db.pool, 5);
-    const INTERVAL = 400;
+    const INTERVAL = 500;
     const proxy = await startFreezeProxy(Number(new URL(db.url).port || 5432));
     // maxUses 1: each statement on a fresh connection, so only the long-lived LISTEN connection stays frozen
     const counted = countingPool(proxy.url(db.url), { maxUses: 1 });
     const leader = startMerger({ connectionString: db.url }, { intervalMs: INTERVAL, jitter: 0, logger: silentLogger, applicationName: 'frozen-leader' });
     const follower = startMerger({ pool: counted.pool }, {
-      intervalMs: INTERVAL, jitter: 0.9, queryTimeoutMs: 2000, logger: silentLogger, applicationName: 'frozen-follower',
+      intervalMs: INTERVAL, jitter: 0.2, queryTimeoutMs: 2000, logger: silentLogger, applicationName: 'frozen-follower',
     });
     const asked = (): number => {
       const s = follower.stats();
@@ -386,15 +395,21 @@ describe('ticks on the grid, and skipping a tick another merger did (NOTIFY)', (
     try {
       await waitFor('the follower skipping on notifications', () => follower.stats().skippedNotified >= 3, 10_000);
       proxy.freeze(); // existing connections go silent: the LISTEN one; new connections still work
-      await new Promise((r) => setTimeout(r, INTERVAL)); // a notification already on its way may still count once
+      // a notification heard just before the freeze may still skip the tick of its slot (a late timer on a busy machine)
+      await new Promise((r) => setTimeout(r, 2 * INTERVAL));
       const skippedAtFreeze = follower.stats().skippedNotified;
       const askedAtFreeze = asked();
-      await new Promise((r) => setTimeout(r, 8 * INTERVAL));
-      assert.equal(follower.stats().skippedNotified, skippedAtFreeze, 'nothing heard, nothing skipped');
-      assert.ok(asked() - askedAtFreeze >= 6, `ticks that asked the database while frozen: ${asked() - askedAtFreeze} of ~8`);
-      // alone, its own merges of every part are not heard back: it drops the frozen connection and connects anew
-      await leader.close();
-      await waitFor('a new LISTEN connection', () => follower.stats().listenConnections >= 2, 15_000);
+      let deaf = { skipped: skippedAtFreeze, asked: askedAtFreeze };
+      // the database keeps saying "merged by another just now" while nothing is heard (after 3 such ticks), or its
+      // own merge of every part is not heard back: the follower drops the frozen connection and listens on a new one
+      await waitFor('a new LISTEN connection', () => {
+        if (follower.stats().listenConnections >= 2) return true;
+        deaf = { skipped: follower.stats().skippedNotified, asked: asked() };
+        return false;
+      }, 15_000);
+      assert.equal(deaf.skipped, skippedAtFreeze, 'while deaf, nothing heard, nothing skipped');
+      assert.ok(deaf.asked - askedAtFreeze >= 1, `while deaf, its ticks asked the database (${deaf.asked - askedAtFreeze})`);
+      await waitFor('skipping on notifications again', () => follower.stats().skippedNotified > skippedAtFreeze, 10_000);
       assert.equal(follower.stats().failures, 0);
     } finally {
       await Promise.all([leader.close(), follower.close()]);
