@@ -11,7 +11,7 @@
  * creates also use TCP keepalive, which catches a peer that is really gone.
  */
 import pg from 'pg';
-import { ClosedError, TimeoutError } from './errors.ts';
+import { ClosedError, InvalidOptionError, TimeoutError } from './errors.ts';
 import type { Logger } from './logger.ts';
 
 /**
@@ -56,6 +56,32 @@ export function resolvePool(conn: ConnectionOptions | pg.Pool, logger: Logger, a
   });
   pool.on('error', (err) => logger.warn('idle database connection failed', { error: err }));
   return { pool, owned: true };
+}
+
+/**
+ * The settings of a dedicated LISTEN connection (status-event watchers, the merger's notifications): those of your
+ * pool (without its pool-only settings), or the connection string. The application_name is `applicationName`, else
+ * the pool's, else `fallbackName`. A pool without its options (another copy of pg) fails with an
+ * InvalidOptionError that names `hint` (how to do without LISTEN).
+ */
+export function listenClientConfig(
+  connection: ConnectionOptions | pg.Pool, applicationName: string | undefined, fallbackName: string, hint: string,
+): pg.ClientConfig {
+  if (isPool(connection) || (connection && typeof connection === 'object' && 'pool' in connection)) {
+    const pool = (isPool(connection) ? connection : connection.pool) as pg.Pool & { options?: pg.PoolConfig };
+    if (!pool.options || typeof pool.options !== 'object') {
+      throw new InvalidOptionError('connection', `is a pool without its options: pass { connectionString }, or ${hint}`);
+    }
+    const { max: _m, min: _n, idleTimeoutMillis: _i, maxUses: _u, allowExitOnIdle: _a, maxLifetimeSeconds: _l, ...config } = pool.options as pg.PoolConfig & Record<string, unknown>;
+    return { ...config, application_name: applicationName ?? config.application_name ?? fallbackName };
+  }
+  const conn = connection as { connectionString?: unknown } | null;
+  if (!conn || typeof conn !== 'object') throw new TypeError('pg-heartbeat: pass { pool } or { connectionString }');
+  if (conn.connectionString !== undefined && typeof conn.connectionString !== 'string') throw new TypeError('pg-heartbeat: connectionString must be a string');
+  return {
+    ...(conn.connectionString === undefined ? {} : { connectionString: conn.connectionString }),
+    application_name: applicationName ?? fallbackName,
+  };
 }
 
 /** A pg.Pool, from this copy of pg or another one (duck-typed). */

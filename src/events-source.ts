@@ -14,8 +14,16 @@
 import pg from 'pg';
 import { destroyClient, withClient } from './connection.ts';
 import { ClosedError, ConnectionError, TimeoutError } from './errors.ts';
+import { MERGED_CHANNEL } from './merge.ts';
 
 export const EVENTS_CHANNEL = 'pg_heartbeat_status_events';
+
+/** The channels a {@link ListenSource} listens to, each with its statement (constant SQL text). */
+const LISTEN_SQL = {
+  [EVENTS_CHANNEL]: 'LISTEN pg_heartbeat_status_events',
+  [MERGED_CHANNEL]: 'LISTEN pg_heartbeat_merged',
+} as const;
+export type ListenChannel = keyof typeof LISTEN_SQL;
 
 export interface EventsSource {
   /** Connects (and LISTENs) if needed; a no-op while connected. */
@@ -88,8 +96,23 @@ export class ListenSource implements EventsSource {
   #broken: unknown;
   #notifiedId = -1;
   #wake: (() => void) | undefined;
+  #listening = false;
 
-  constructor(private readonly config: pg.ClientConfig, private readonly options: SourceOptions) {}
+  /**
+   * `channel`: what to LISTEN to (status events by default). `onPayload`: called with each notification's payload
+   * on that channel (a throwing callback is ignored); without it a payload is read as an event id (takeNotified).
+   */
+  constructor(
+    private readonly config: pg.ClientConfig,
+    private readonly options: SourceOptions,
+    private readonly channel: ListenChannel = EVENTS_CHANNEL,
+    private readonly onPayload?: (payload: string) => void,
+  ) {}
+
+  /** Connected and listening, as far as the client knows (a frozen connection still looks connected). */
+  get listening(): boolean {
+    return this.#client !== undefined && this.#broken === undefined && this.#listening;
+  }
 
   async open(): Promise<void> {
     if (this.#client) {
@@ -105,6 +128,7 @@ export class ListenSource implements EventsSource {
     });
     this.#client = client;
     this.#broken = undefined;
+    this.#listening = false;
     const fail = (err: unknown): void => {
       if (this.#client !== client) return;
       this.#broken ??= err;
@@ -113,14 +137,23 @@ export class ListenSource implements EventsSource {
     client.on('error', fail);
     client.on('end', () => fail(new ConnectionError('the LISTEN connection was closed by the server', { code: 'CONNECTION' })));
     client.on('notification', (msg) => {
-      if (this.#client !== client || msg.channel !== EVENTS_CHANNEL) return;
+      if (this.#client !== client || msg.channel !== this.channel) return;
+      if (this.onPayload) {
+        try {
+          this.onPayload(msg.payload ?? '');
+        } catch {
+          // the callback's own problem; the connection goes on
+        }
+        return;
+      }
       const id = Number(msg.payload);
       // a payload that is not an id still means "something was published"
       this.#notifiedId = Math.max(this.#notifiedId, Number.isSafeInteger(id) ? id : Number.MAX_SAFE_INTEGER);
       this.#wake?.();
     });
     await this.#connect(client, timeoutMs, signal);
-    await this.query('LISTEN pg_heartbeat_status_events', [], 'LISTEN pg_heartbeat_status_events');
+    await this.query(LISTEN_SQL[this.channel], [], LISTEN_SQL[this.channel]);
+    if (this.#client === client) this.#listening = true;
   }
 
   /** client.connect() within `ms`: a server that accepts and never answers (a blackhole) is given up on, the socket destroyed. */
@@ -163,16 +196,20 @@ export class ListenSource implements EventsSource {
     await sleep(ms, this.options.signal, (wake) => (this.#wake = wake));
   }
 
+  /** Drops the connection; a wait() in progress returns. */
   reset(): void {
     const client = this.#client;
     this.#client = undefined;
     this.#broken = undefined;
+    this.#listening = false;
     if (client) destroyClient(client);
+    this.#wake?.();
   }
 
   async close(ms: number): Promise<void> {
     const client = this.#client;
     this.#client = undefined;
+    this.#listening = false;
     if (!client) return;
     if (this.#broken !== undefined) {
       destroyClient(client);

@@ -8,12 +8,15 @@
  * `mergeIntervalMs`. In the worst case a heartbeat reaches workspace_agents
  * that long after the previous one did, and heartbeat.agent_status() calls the
  * agent 'disconnected' once last_connected_at is older than the inactive
- * timeout. Defaults: 2 s + 15 s + 5 s = 22 s < 30 s.
+ * timeout. Defaults: 5 s + 15 s + 5 s = 25 s < 30 s. (With flushes and merges
+ * aligned on one grid the real worst case is lower, heartbeat + flush interval +
+ * flushLeadMs + the merge's jitter offset; the check keeps the plain sum, which
+ * also holds for flushes and merges that are not aligned.)
  */
 export interface TimingOptions {
   /** How often each agent heartbeats (default 15 000 ms). */
   heartbeatIntervalMs?: number;
-  /** The stager's flush interval (default 2 000 ms). */
+  /** The stager's flush interval (default 5 000 ms). */
   flushIntervalMs?: number;
   /** How often the merge runs, including jitter (default 5 000 ms). */
   mergeIntervalMs?: number;
@@ -32,7 +35,7 @@ export interface TimingCheck {
 
 export const TIMING_DEFAULTS = {
   heartbeatIntervalMs: 15_000,
-  flushIntervalMs: 2_000,
+  flushIntervalMs: 5_000,
   mergeIntervalMs: 5_000,
   inactiveTimeoutMs: 30_000,
 } as const;

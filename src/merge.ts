@@ -105,10 +105,22 @@ const COLUMNS = `rows_consumed, agents_updated, skipped_stale, skipped_unknown, 
 const MIN_INTERVAL_ARG = 'make_interval(secs => $2::float8 / 1000)';
 const OWN_MERGER = `(SELECT $3::text FROM (SELECT pg_catalog.set_config('heartbeat.merge_in_own_transaction', 'on', true),
   pg_catalog.set_config('heartbeat.sweep_min_gap', ($4::float8 / 1000)::text || ' seconds', true)) AS flags)`;
+/**
+ * The channel a merge of every part announces itself on (`NOTIFY`, payload: the merger's id, '' for mergeNow()).
+ * PostgreSQL scopes channels to the database, and pg-heartbeat's schema is always `heartbeat`, so the name alone
+ * is specific to one installation. startMerger() LISTENs to it to skip a tick another merger just did (merger.ts).
+ */
+export const MERGED_CHANNEL = 'pg_heartbeat_merged';
+/**
+ * In the merge statement a transaction of its own sends (ownAll): when it merged every part and left no rows,
+ * pg_notify(), delivered at its commit, in the same statement (no extra round trip, nothing if it rolls back).
+ */
+const NOTIFY_MERGED = `CASE WHEN NOT more AND parts_merged = parts
+  THEN (SELECT true FROM pg_catalog.pg_notify('${MERGED_CHANNEL}', COALESCE($3::text, ''))) ELSE false END AS notified`;
 const MERGE_SQL = {
   all: `SELECT ${COLUMNS} FROM heartbeat.merge_agent_connections($1::int4, ${MIN_INTERVAL_ARG}, $3::text)`,
   part: `SELECT ${COLUMNS} FROM heartbeat.merge_staging_part($4::int4, $1::int4, ${MIN_INTERVAL_ARG}, $3::text)`,
-  ownAll: `SELECT ${COLUMNS} FROM heartbeat.merge_agent_connections($1::int4, ${MIN_INTERVAL_ARG}, ${OWN_MERGER})`,
+  ownAll: `SELECT ${COLUMNS}, ${NOTIFY_MERGED} FROM heartbeat.merge_agent_connections($1::int4, ${MIN_INTERVAL_ARG}, ${OWN_MERGER})`,
   ownPart: `SELECT ${COLUMNS} FROM heartbeat.merge_staging_part($5::int4, $1::int4, ${MIN_INTERVAL_ARG}, ${OWN_MERGER})`,
 };
 

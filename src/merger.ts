@@ -5,6 +5,12 @@
  *     pg_try_advisory_xact_lock: a part being merged elsewhere is skipped at once;
  *   - a part another replica merged (and left empty) less than ~0.7 interval ago
  *     is skipped too, so replicas do not multiply merges;
+ *   - ticks fall on the wall-clock grid (multiples of the interval since the Unix
+ *     epoch, plus a random offset of up to jitter x interval), where the stagers
+ *     flush just before, and a merge of every part announces itself with NOTIFY:
+ *     a merger that heard another's (on one LISTEN connection) skips its own tick
+ *     without sending anything. Without that connection (down, frozen, behind a
+ *     transaction pooler) it merges on its own schedule, as the SQL skip allows;
  *   - every call has a deadline: a merge stuck on a half-open connection fails
  *     with a TimeoutError, its connection is destroyed, and the next tick uses a
  *     fresh one;
@@ -16,13 +22,14 @@
 import { randomUUID } from 'node:crypto';
 import { setMaxListeners } from 'node:events';
 import type pg from 'pg';
-import { endPool, resolvePool, withClient, type ConnectionOptions } from './connection.ts';
-import { toHeartbeatError, type HeartbeatError } from './errors.ts';
+import { endPool, listenClientConfig, resolvePool, withClient, type ConnectionOptions } from './connection.ts';
+import { interruptibleSleep, ListenSource } from './events-source.ts';
+import { InvalidOptionError, toHeartbeatError, type HeartbeatError } from './errors.ts';
 import { checkTimingInvariant, type TimingOptions } from './invariant.ts';
 import { toLogger, type Logger } from './logger.ts';
-import { addMergeResults, emptyMergeResult, mergeStatement, sweepAfterMerge, type MergeResult } from './merge.ts';
+import { addMergeResults, emptyMergeResult, MERGED_CHANNEL, mergeStatement, sweepAfterMerge, type MergeResult } from './merge.ts';
 import { notify } from './observers.ts';
-import { countOption, durationOption, fractionOption, functionOption } from './options.ts';
+import { countOption, durationOption, fractionOption, functionOption, MAX_TIMER_MS } from './options.ts';
 import { callHook, safeLogger } from './safe-logger.ts';
 
 export interface MergerOptions extends Omit<TimingOptions, 'mergeIntervalMs'> {
@@ -31,8 +38,26 @@ export interface MergerOptions extends Omit<TimingOptions, 'mergeIntervalMs'> {
    * longer than that is followed at once by the next, never overlapped.
    */
   intervalMs?: number;
-  /** Random spread of each interval, as a fraction of it (default 0.1: ±10 %), so replicas drift apart. */
+  /**
+   * Random spread of the ticks, as a fraction of the interval (default 0.1). Aligned (the default): each tick
+   * falls 0 to jitter x intervalMs after its grid instant, a new draw per tick, so replicas take turns merging
+   * first; not aligned: each interval is intervalMs ± jitter x intervalMs.
+   */
   jitter?: number;
+  /**
+   * Tick on the wall-clock grid (default true): the multiples of intervalMs since the Unix epoch (plus the
+   * jitter's offset), the grid on which stagers flush (`alignFlush`) and pg_cron's merge loop merges. false:
+   * intervalMs ± jitter from the start of the previous tick.
+   */
+  align?: boolean;
+  /**
+   * Listen for other mergers' merges (default true): one dedicated connection (not from the pool) LISTENs on
+   * `pg_heartbeat_merged`; a merge of every part that left no rows, by another merger or mergeNow(), heard less
+   * than ~0.7 interval before a tick, stands in for that tick, which then sends nothing. If the connection is
+   * down, frozen or behind a transaction pooler, ticks are simply not skipped (reconnected with backoff). Set
+   * false behind pgbouncer in transaction mode (the LISTEN would land on a server connection others borrow).
+   */
+  listen?: boolean;
   /** Staged rows one merge statement consumes at most (default: heartbeat.settings.max_rows_per_merge). */
   maxRows?: number;
   /**
@@ -72,6 +97,10 @@ export interface MergerStats {
   skippedConcurrent: number;
   /** Ticks that merged nothing because another merger had just merged every part. */
   skippedRecent: number;
+  /** Ticks skipped without a statement: another merger's merge of every part was heard (NOTIFY) just before. */
+  skippedNotified: number;
+  /** LISTEN connections made (the first, and each reconnect after a failure or a missed own notification). */
+  listenConnections: number;
   /** Failed merges. */
   failures: number;
   /** Failures since the last successful merge. */
@@ -111,6 +140,12 @@ const DEFAULT_INTERVAL_MS = 5_000;
 /** The fewest staged rows per statement the merger goes down to after statement timeouts. */
 const MIN_ROWS_PER_STATEMENT = 1_000;
 const DEFAULT_JITTER = 0.1;
+/** At most this many ticks in a row are skipped on notifications alone; the next one asks the database. */
+const MAX_SKIPS_HEARD = 12;
+/** Ticks in a row that find every part merged elsewhere, unheard, before the LISTEN connection is deemed deaf. */
+const DEAF_TICKS = 3;
+/** Backoff of the LISTEN connection after failures: first delay, longest delay. */
+const LISTEN_RETRY_MS = [1_000, 300_000] as const;
 
 /** Starts the merge loop; the first merge runs after one (jittered) interval. */
 export function startMerger(connection: ConnectionOptions, options: MergerOptions = {}): Merger {
@@ -127,7 +162,7 @@ export function startMerger(connection: ConnectionOptions, options: MergerOption
     mergeIntervalMs: intervalMs * (1 + jitter),
   });
   if (!timing.ok) logger.warn(`merger timing: ${timing.message}`);
-  const config: LoopConfig = {
+  const config: Omit<LoopConfig, 'align' | 'listenConfig'> = {
     intervalMs,
     jitter,
     maxRows: options.maxRows === undefined ? null : countOption(options.maxRows, 'maxRows', 0),
@@ -137,8 +172,20 @@ export function startMerger(connection: ConnectionOptions, options: MergerOption
     onMerge: functionOption(options.onMerge, 'onMerge'),
     onError: functionOption(options.onError, 'onError'),
   };
-  const { pool, owned } = resolvePool(connection, logger, options.applicationName ?? 'pg-heartbeat merger', 4);
-  return new MergeLoop(pool, owned, logger, config);
+  if (options.align !== undefined && typeof options.align !== 'boolean') throw new InvalidOptionError('align', 'must be true or false');
+  if (options.listen !== undefined && typeof options.listen !== 'boolean') throw new InvalidOptionError('listen', 'must be true or false');
+  const applicationName = options.applicationName ?? 'pg-heartbeat merger';
+  let listenConfig: pg.ClientConfig | undefined;
+  if (options.listen ?? true) {
+    try {
+      listenConfig = listenClientConfig(connection, `${applicationName} listen`, `${applicationName} listen`, 'listen: false');
+    } catch (err) {
+      if (!(err instanceof InvalidOptionError)) throw err;
+      logger.warn(`merger: ${err.message}; merging without listening for other mergers' merges`);
+    }
+  }
+  const { pool, owned } = resolvePool(connection, logger, applicationName, 4);
+  return new MergeLoop(pool, owned, logger, { ...config, align: options.align ?? true, listenConfig });
 }
 
 interface LoopConfig {
@@ -150,11 +197,14 @@ interface LoopConfig {
   parallelism: number | undefined;
   onMerge: ((report: MergeReport) => void) | undefined;
   onError: ((error: HeartbeatError) => void) | undefined;
+  align: boolean;
+  /** The LISTEN connection's settings; undefined: no listening. */
+  listenConfig: pg.ClientConfig | undefined;
 }
 
 class MergeLoop implements Merger {
   readonly #stats: MergerStats = {
-    merges: 0, skippedConcurrent: 0, skippedRecent: 0, failures: 0, consecutiveFailures: 0, rowsConsumed: 0, deadLettered: 0,
+    merges: 0, skippedConcurrent: 0, skippedRecent: 0, skippedNotified: 0, listenConnections: 0, failures: 0, consecutiveFailures: 0, rowsConsumed: 0, deadLettered: 0,
     agentsUpdated: 0, skippedStale: 0, skippedUnknown: 0, skippedInvalid: 0, deferredLocked: 0, statusEvents: 0, sweepFailures: 0,
   };
   readonly #abort = new AbortController();
@@ -169,6 +219,35 @@ class MergeLoop implements Merger {
   #warnedLock: string | undefined;
   /** Staged rows per statement: the maxRows option, halved each time the server's statement_timeout cuts one off. */
   #maxRows: number | null;
+  /** Aligned: the grid slot (wall-clock ms / interval) of the next or running tick. */
+  #slot: number | undefined;
+  /** The LISTEN connection, while listening is on; aborted first thing in close(). */
+  #listen: ListenSource | undefined;
+  readonly #listenAbort = new AbortController();
+  #listenLoop: Promise<void> | undefined;
+  /** When another merger's merge of every part was last heard: performance.now(), and the wall clock (aligned ticks). */
+  #heardAt: number | undefined;
+  #heardAtWall: number | undefined;
+  /** Ticks skipped in a row on notifications. */
+  #skipsInRow = 0;
+  /** Own notifications heard back on the LISTEN connection. */
+  #echoes = 0;
+  /** An own merge's notification that should come back: since when, and the count of echoes before it. */
+  #echoDue: { since: number; echoesBefore: number } | undefined;
+  /** Whether the last merge statement of a tick announced itself (NOTIFY). */
+  #notified = false;
+  /**
+   * With listening: 'lead' after a tick whose merge of every part was announced, 'follow' after a tick skipped on
+   * another's announcement, 'none' otherwise. Aligned ticks of a leader fall on the grid instant itself, a follower's
+   * in the second half of the jitter window, so the leader's NOTIFY arrives before them (without this, two
+   * replicas' random offsets a merge's duration apart both merge, and neither merges every part).
+   */
+  #role: 'lead' | 'follow' | 'none' = 'none';
+
+  /** Set when the LISTEN connection was reset for a missed own notification (so reconnects back off). */
+  #echoMissed = false;
+  /** Ticks in a row that found every part merged by another merger without having heard it. */
+  #deafTicks = 0;
 
   /**
    * The least time between two status sweeps asked of the merge (sql/018): the gap the skip-recent check uses,
@@ -185,7 +264,9 @@ class MergeLoop implements Merger {
     private readonly config: LoopConfig,
   ) {
     setMaxListeners(0, this.#abort.signal); // every merge in flight listens to it
+    setMaxListeners(0, this.#listenAbort.signal);
     this.#maxRows = config.maxRows;
+    if (config.listenConfig) this.#listenLoop = this.#keepListening(config.listenConfig);
     this.#schedule();
   }
 
@@ -213,27 +294,163 @@ class MergeLoop implements Merger {
   async #shutdown(): Promise<void> {
     clearTimeout(this.#timer);
     this.#timer = undefined;
+    this.#listenAbort.abort();
+    const listenClosed = (async () => {
+      await this.#listenLoop;
+      await this.#listen?.close(1000);
+    })();
     if (this.#running) {
       const cutOff = setTimeout(() => this.#abort.abort(), this.config.stopTimeoutMs);
       await this.#running;
       clearTimeout(cutOff);
     }
     this.#abort.abort(); // nothing queued runs after this
+    await listenClosed;
     if (this.owned) await endPool(this.pool, 5000, this.logger);
   }
 
-  /** Schedules the next tick `interval ± jitter` after `since` (the last tick's start), at once if that is past. */
+  /**
+   * Keeps one LISTEN connection open while the merger runs: connects (within queryTimeoutMs), LISTENs, waits until
+   * it breaks or is reset (a missed own notification), then reconnects after a backoff. Never rejects; failures are
+   * a warning once per episode (ticks are merely not skipped meanwhile).
+   */
+  async #keepListening(config: pg.ClientConfig): Promise<void> {
+    const signal = this.#listenAbort.signal;
+    const source = new ListenSource(config, { timeoutMs: this.config.queryTimeoutMs, signal }, MERGED_CHANNEL, (payload) => this.#heard(payload));
+    this.#listen = source;
+    let failures = 0;
+    while (!signal.aborted) {
+      try {
+        await source.open();
+        this.#stats.listenConnections++;
+        if (failures > 0) this.logger.info('merger: listening for other mergers\' merges again', { failures });
+        // until the connection breaks, or #tick() resets it (its own notification did not come back)
+        await source.wait(2 ** 31 - 1, Number.MAX_SAFE_INTEGER);
+        if (signal.aborted) break;
+        // a connection that listened until it broke counts as one failure, after which backoff starts over
+        failures = this.#echoMissed ? failures + 1 : 1;
+        this.#echoMissed = false;
+      } catch (err) {
+        if (signal.aborted) break;
+        failures++;
+        if (failures === 1) {
+          this.logger.warn(`merger: cannot listen for other mergers' merges (${toHeartbeatError(err, 'listening for merges').message}); ` +
+            'merging on its own schedule meanwhile, retrying with backoff');
+        }
+      }
+      source.reset();
+      this.#echoDue = undefined;
+      const base = Math.min(LISTEN_RETRY_MS[1], LISTEN_RETRY_MS[0] * 2 ** Math.min(failures - 1, 20));
+      await interruptibleSleep(base / 2 + Math.random() * (base / 2), signal);
+    }
+    source.reset();
+  }
+
+  /** A notification on pg_heartbeat_merged: the payload is the merger's id ('' for mergeNow()). */
+  #heard(payload: string): void {
+    if (payload === this.#id) {
+      this.#echoes++;
+      return;
+    }
+    this.#heardAt = performance.now();
+    this.#heardAtWall = Date.now();
+  }
+
+  /**
+   * Whether this tick can be skipped: another merger's merge of every part was heard since this tick's grid instant
+   * (aligned: it merged what the stagers flushed for this instant), or less than the skip-recent interval ago (not
+   * aligned: the SQL would skip every part as merged recently); and fewer than MAX_SKIPS_HEARD ticks were skipped
+   * in a row. Also checks the LISTEN connection: an own merge's notification that has not come back by
+   * now means it is not delivering (frozen, or a transaction pooler): it is reset, and reconnected after a backoff.
+   */
+  #skipHeard(minIntervalMs: number): boolean {
+    const now = performance.now();
+    if (this.#echoDue !== undefined && this.#echoes > this.#echoDue.echoesBefore) this.#echoDue = undefined;
+    if (this.#echoDue !== undefined && now - this.#echoDue.since > Math.max(1000, this.config.intervalMs / 2)) {
+      this.logger.warn('merger: the LISTEN connection did not deliver this merger\'s own notification; reconnecting it');
+      this.#echoDue = undefined;
+      this.#echoMissed = true;
+      this.#heardAt = undefined;
+      this.#heardAtWall = undefined;
+      this.#listen?.reset();
+      return false;
+    }
+    if (this.#skipsInRow >= MAX_SKIPS_HEARD) return false;
+    return this.#heardRecently(minIntervalMs);
+  }
+
+  /** Another merger's merge of every part was heard since this tick's grid instant (aligned), or less than minIntervalMs ago. */
+  #heardRecently(minIntervalMs: number): boolean {
+    if (this.config.align) {
+      return this.#heardAtWall !== undefined && this.#slot !== undefined && this.#heardAtWall >= this.#slot * this.config.intervalMs;
+    }
+    return this.#heardAt !== undefined && performance.now() - this.#heardAt < minIntervalMs;
+  }
+
+  /**
+   * A tick the database answered with "every part was merged by another merger just now" while nothing was heard:
+   * such merges are announced (unless pg_cron's loop or an older version merged), so the LISTEN connection may be
+   * deaf (frozen while this merger only follows). After DEAF_TICKS such ticks in a row it is reset and reconnected,
+   * with the backoff of a missed own notification.
+   */
+  #checkDeaf(result: MergeResult, listening: boolean, minIntervalMs: number): void {
+    const allRecent = result.parts > 0 && result.partsMerged === 0 && result.partsSkippedRecent === result.parts;
+    if (!listening || !allRecent || this.#heardRecently(minIntervalMs)) {
+      this.#deafTicks = 0;
+      return;
+    }
+    if (++this.#deafTicks < DEAF_TICKS) return;
+    this.#deafTicks = 0;
+    this.logger.warn('merger: other mergers merged every part but the LISTEN connection delivered nothing; reconnecting it');
+    this.#echoMissed = true;
+    this.#listen?.reset();
+  }
+
+  /**
+   * Schedules the next tick, at once when `now` or when its time is past. Aligned: in the grid slot after the last
+   * one (never one already over), 0 to jitter x interval after its grid instant. Otherwise `interval ± jitter`
+   * after `since` (the last tick's start).
+   */
   #schedule(since = performance.now(), now = false): void {
     if (this.#stopping) return;
     const { intervalMs, jitter } = this.config;
-    const delay = now ? 0 : since + intervalMs * (1 + jitter * (2 * Math.random() - 1)) - performance.now();
-    this.#timer = setTimeout(() => this.#tick(), Math.max(0, delay));
+    let delay: number;
+    if (this.config.align) {
+      const wall = Date.now();
+      const current = Math.floor(wall / intervalMs);
+      if (now) {
+        this.#slot = current;
+        delay = 0;
+      } else {
+        this.#slot = this.#slot === undefined ? current + 1 : Math.max(this.#slot + 1, current);
+        const window = jitter * intervalMs;
+        const offset = this.#role === 'lead' ? 0 : this.#role === 'follow' ? window / 2 + (Math.random() * window) / 2 : Math.random() * window;
+        delay = this.#slot * intervalMs + offset - wall;
+      }
+    } else {
+      delay = now ? 0 : since + intervalMs * (1 + jitter * (2 * Math.random() - 1)) - performance.now();
+    }
+    this.#timer = setTimeout(() => this.#tick(), Math.min(MAX_TIMER_MS, Math.max(0, delay)));
     this.#timer.unref();
+  }
+
+  /** The least time since another merger's merge for this merger to skip a part (the SQL's min_interval). */
+  get #minIntervalMs(): number {
+    return Math.round(this.config.intervalMs * (1 - this.config.jitter) * 0.8);
   }
 
   #tick(): void {
     this.#timer = undefined;
     if (this.#stopping) return;
+    if (this.#skipHeard(this.#minIntervalMs)) {
+      this.#skipsInRow++;
+      this.#stats.skippedNotified++;
+      this.#role = 'follow';
+      this.logger.debug('merge tick skipped: another merger merged every part just now (heard by NOTIFY)');
+      this.#schedule();
+      return;
+    }
+    this.#skipsInRow = 0;
     const started = performance.now();
     this.#running = this.#mergeOnce().then((leftRows) => {
       this.#running = undefined;
@@ -245,9 +462,13 @@ class MergeLoop implements Merger {
   async #mergeOnce(): Promise<boolean> {
     const startedAt = new Date();
     const t0 = performance.now();
-    const { intervalMs, jitter } = this.config;
+    const { intervalMs } = this.config;
     // parts another replica merged less than this long ago (and left empty) are skipped
-    const minIntervalMs = Math.round(intervalMs * (1 - jitter) * 0.8);
+    const minIntervalMs = this.#minIntervalMs;
+    // an own merge of every part is announced (NOTIFY): its echo on the LISTEN connection shows that it delivers
+    const listening = this.#listen?.listening === true;
+    const echoesBefore = this.#echoes;
+    this.#notified = false;
     // a tick drains for at most one interval, then lets the next tick start
     const budgetEnd = t0 + intervalMs;
     let result: MergeResult;
@@ -261,6 +482,7 @@ class MergeLoop implements Merger {
       if (this.#stopping && this.#abort.signal.aborted) return false;
       this.#stats.failures++;
       this.#stats.consecutiveFailures++;
+      this.#role = 'none';
       this.logger.error(`${error.message}; retrying in about ${Math.round(intervalMs)} ms`, {
         error,
         consecutiveFailures: this.#stats.consecutiveFailures,
@@ -269,6 +491,9 @@ class MergeLoop implements Merger {
       return false;
     }
     const durationMs = Math.round((performance.now() - t0) * 10) / 10;
+    if (listening && this.#notified && this.#listen?.listening) this.#echoDue ??= { since: performance.now(), echoesBefore };
+    if (this.config.listenConfig) this.#role = this.#notified ? 'lead' : 'none';
+    this.#checkDeaf(result, listening, minIntervalMs);
     this.#stats.consecutiveFailures = 0;
     this.#stats.rowsConsumed += result.rowsConsumed;
     this.#stats.deadLettered += result.deadLettered;
@@ -312,6 +537,8 @@ class MergeLoop implements Merger {
     let first = true;
     for (;;) {
       const r = await this.#statement({ part: null, minIntervalMs: first ? minIntervalMs : null });
+      // the statement sent NOTIFY (merge.ts: it merged every part and left no rows)
+      this.#notified = !r.more && r.partsMerged === r.parts;
       addMergeResults(total, r);
       total.parts = r.parts;
       total.partsWithMore = r.partsWithMore;
@@ -328,6 +555,7 @@ class MergeLoop implements Merger {
     const total = await this.#mergeSeries(minIntervalMs, performance.now());
     const parts = total.parts;
     if (!total.more) return total;
+    this.#notified = false;
     const limit = Math.min(this.config.parallelism ?? (this.owned ? 4 : 1), parts);
     const queue = [...total.partsWithMore];
     const workers = Array.from({ length: Math.max(1, limit) }, async () => {

@@ -88,7 +88,7 @@ export const HEARTBEAT_METRICS: readonly MetricDefinition[] = [
   c('stager', 'pg_heartbeat_stager_resent_agents_total', 'Agents\' updates resent after staging resets.'),
   c('stager', 'pg_heartbeat_stager_dropped_by_disconnect_total', 'Pending updates dropped because a newer disconnect was written.'),
   c('merger', 'pg_heartbeat_merger_merges_total', 'Merge ticks that merged at least one part of staging.'),
-  c('merger', 'pg_heartbeat_merger_skipped_ticks_total', 'Merge ticks that merged nothing: every part was being merged elsewhere (concurrent) or had just been (recent).', ['reason']),
+  c('merger', 'pg_heartbeat_merger_skipped_ticks_total', 'Merge ticks that merged nothing: every part was being merged elsewhere (concurrent) or had just been (recent), or skipped without a statement because another merger\'s merge was heard (notified).', ['reason']),
   c('merger', 'pg_heartbeat_merger_failures_total', 'Failed merge ticks (retried on the next tick).'),
   g('merger', 'pg_heartbeat_merger_consecutive_failures', 'Failed merge ticks since the last successful one.'),
   c('merger', 'pg_heartbeat_merger_rows_consumed_total', 'Staged rows the merges consumed.'),
@@ -255,7 +255,7 @@ export async function registerHeartbeatMetrics(registry: MetricsRegistry, option
       counter('pg_heartbeat_merger_merges_total', () => one(m().merges));
       counter('pg_heartbeat_merger_skipped_ticks_total', () => {
         const s = m();
-        return [[{ reason: 'concurrent' }, s.skippedConcurrent], [{ reason: 'recent' }, s.skippedRecent]];
+        return [[{ reason: 'concurrent' }, s.skippedConcurrent], [{ reason: 'recent' }, s.skippedRecent], [{ reason: 'notified' }, s.skippedNotified]];
       });
       counter('pg_heartbeat_merger_failures_total', () => one(m().failures));
       gauge('pg_heartbeat_merger_consecutive_failures', () => one(m().consecutiveFailures));

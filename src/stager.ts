@@ -5,9 +5,9 @@ import pg from 'pg';
 import { from as copyFrom } from 'pg-copy-streams';
 import { type ConnectionOptions, endPool, resolvePool, withClient } from './connection.ts';
 import { encodeCopy } from './copy-encoder.ts';
-import { ClosedError, type HeartbeatError, toHeartbeatError } from './errors.ts';
+import { ClosedError, type HeartbeatError, InvalidOptionError, toHeartbeatError } from './errors.ts';
 import { toLogger, type Logger } from './logger.ts';
-import { countOption, durationOption, functionOption } from './options.ts';
+import { countOption, durationOption, functionOption, MAX_TIMER_MS } from './options.ts';
 import { notify } from './observers.ts';
 import { Retained } from './retained.ts';
 import { callHook, safeLogger } from './safe-logger.ts';
@@ -17,11 +17,27 @@ import {
 
 export interface StagerOptions {
   /**
-   * Background flush period. Default 2000 ms: with heartbeats every 15 s and a
-   * merge every 5 s, the worst case from heartbeat to workspace_agents is
-   * 15 + 2 + 5 = 22 s, well inside the usual 30 s inactivity timeout.
+   * Background flush period. Default 5000 ms, the merge interval: with flushes
+   * aligned to the same grid as the merger's ticks (`alignFlush`), a heartbeat
+   * waits at most one interval plus `flushLeadMs` plus the merge. The invariant's
+   * worst case from heartbeat to workspace_agents is 15 + 5 + 5.5 = 25.5 s,
+   * inside the usual 30 s inactivity timeout.
    */
   flushIntervalMs?: number;
+  /**
+   * Flush on the wall-clock grid (default true): at the multiples of
+   * flushIntervalMs since the Unix epoch, `flushLeadMs` before each, the grid
+   * startMerger() ticks on (and pg_cron's merge loop), so every replica's COPY
+   * lands just before the merge that consumes it. false: flushIntervalMs after the
+   * end of the previous flush. Size-triggered flushes (maxBatchSize) happen at once either way.
+   */
+  alignFlush?: boolean;
+  /**
+   * With alignFlush: how long before each grid instant the flush starts (default
+   * 400 ms; at most half of flushIntervalMs), so that the COPY has committed when
+   * the merge runs. Keep the clocks of app hosts in sync (NTP): the grid is the wall clock.
+   */
+  flushLeadMs?: number;
   /** Flush as soon as this many distinct agents are pending. Default 10,000. */
   maxBatchSize?: number;
   /**
@@ -116,6 +132,20 @@ const EPOCH_SQL =
   'SELECT epoch::text AS epoch, (extract(epoch FROM drained_through) * 1000000)::int8::text AS drained_us, ' +
   '(extract(epoch FROM checked_at) * 1000000)::int8::text AS checked_us FROM heartbeat.staging_epoch()';
 
+/** The default flush interval: the merge interval (5 s), so that each replica COPYs once per merge. */
+export const DEFAULT_FLUSH_INTERVAL_MS = 5000;
+/** How long before each grid instant an aligned flush starts. */
+export const DEFAULT_FLUSH_LEAD_MS = 400;
+
+/**
+ * From `now` (epoch ms), the time until the next instant `k * intervalMs - leadMs` (k whole) that is at least
+ * `minAheadMs` away (default min(intervalMs / 4, 50) ms: a timer that fires a little early never flushes twice for
+ * one instant).
+ */
+export function alignedDelay(now: number, intervalMs: number, leadMs: number, minAheadMs = Math.min(intervalMs / 4, 50)): number {
+  return Math.ceil((now + leadMs + minAheadMs) / intervalMs) * intervalMs - leadMs - now;
+}
+
 const iso = (ms: number): string | null => (Number.isNaN(ms) ? null : new Date(ms).toISOString());
 const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
 
@@ -124,7 +154,7 @@ const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout
  * heartbeat.agent_connection_staging with binary COPY.
  *
  * ```ts
- * await using stager = new HeartbeatStager({ connectionString }, { flushIntervalMs: 2000 });
+ * await using stager = new HeartbeatStager({ connectionString }, { flushIntervalMs: 5000 });
  * stager.stage({ agentId, lastConnectedAt: new Date(), updatedAt: new Date() });
  * ```
  */
@@ -135,6 +165,8 @@ export class HeartbeatStager {
   readonly #onError: ((error: HeartbeatError) => void) | undefined;
   readonly #onFlush: ((info: { rows: number; durationMs: number }) => void) | undefined;
   readonly #flushIntervalMs: number;
+  readonly #alignFlush: boolean;
+  readonly #flushLeadMs: number;
   readonly #maxBatchSize: number;
   readonly #maxRowsPerCopy: number;
   readonly #retryInitialDelayMs: number;
@@ -169,7 +201,12 @@ export class HeartbeatStager {
     this.#logger = safeLogger(toLogger(options.logger));
     this.#onError = functionOption(options.onError, 'onError');
     this.#onFlush = functionOption(options.onFlush, 'onFlush');
-    this.#flushIntervalMs = durationOption(options.flushIntervalMs, 'flushIntervalMs', 2000);
+    this.#flushIntervalMs = durationOption(options.flushIntervalMs, 'flushIntervalMs', DEFAULT_FLUSH_INTERVAL_MS);
+    if (options.alignFlush !== undefined && typeof options.alignFlush !== 'boolean') {
+      throw new InvalidOptionError('alignFlush', 'must be true or false');
+    }
+    this.#alignFlush = options.alignFlush ?? true;
+    this.#flushLeadMs = Math.min(durationOption(options.flushLeadMs, 'flushLeadMs', DEFAULT_FLUSH_LEAD_MS, 0), this.#flushIntervalMs / 2);
     this.#maxBatchSize = countOption(options.maxBatchSize, 'maxBatchSize', 10_000);
     this.#maxRowsPerCopy = countOption(options.maxRowsPerCopy, 'maxRowsPerCopy', 50_000);
     this.#retryInitialDelayMs = durationOption(options.retryInitialDelayMs, 'retryInitialDelayMs', 250);
@@ -183,7 +220,7 @@ export class HeartbeatStager {
     const { pool, owned } = resolvePool(connection, this.#logger, 'pg-heartbeat stager');
     this.#pool = pool;
     this.#ownsPool = owned;
-    this.#schedule(this.#flushIntervalMs);
+    this.#schedule(this.#flushDelay(true));
   }
 
   /**
@@ -344,7 +381,7 @@ export class HeartbeatStager {
   #schedule(delayMs: number): void {
     if (this.#timer) clearTimeout(this.#timer);
     if (this.#closed) return;
-    this.#timer = setTimeout(() => this.#background(), delayMs);
+    this.#timer = setTimeout(() => this.#background(), Math.min(delayMs, MAX_TIMER_MS));
     this.#timer.unref();
   }
 
@@ -365,7 +402,7 @@ export class HeartbeatStager {
     if (this.#pending.size > 0) work = this.#runFlush();
     else if (this.#retained && this.#retained.size > 0 && this.#retained.checkDue(this.#resendCheckIntervalMs)) work = this.#checkProgress();
     else {
-      this.#schedule(this.#flushIntervalMs);
+      this.#schedule(this.#flushDelay());
       return;
     }
     work.then(
@@ -374,7 +411,7 @@ export class HeartbeatStager {
           this.#logger.info('COPY into staging recovered', { failedAttempts: this.#failures });
           this.#failures = 0;
         }
-        this.#schedule(this.#pending.size >= this.#maxBatchSize ? 0 : this.#flushIntervalMs);
+        this.#schedule(this.#pending.size >= this.#maxBatchSize ? 0 : this.#flushDelay());
       },
       (err: unknown) => {
         if (this.#closed) return;
@@ -387,6 +424,18 @@ export class HeartbeatStager {
         this.#schedule(delay);
       },
     );
+  }
+
+  /**
+   * Time until the next background flush. Aligned: until the next flush instant (a multiple of flushIntervalMs since
+   * the Unix epoch, minus the lead) at least a few ms away, so a timer that fires a little early never flushes twice
+   * for one instant; the first one after creation at least half an interval away (a stager created just before an
+   * instant has next to nothing to COPY). Otherwise one interval.
+   */
+  #flushDelay(first = false): number {
+    if (!this.#alignFlush) return this.#flushIntervalMs;
+    const F = this.#flushIntervalMs;
+    return alignedDelay(Date.now(), F, this.#flushLeadMs, first ? F / 2 : undefined);
   }
 
   #backoff(failures: number): number {

@@ -9,7 +9,7 @@
  */
 import { setMaxListeners } from 'node:events';
 import pg from 'pg';
-import { type ConnectionOptions, endPool, isPool, resolvePool } from './connection.ts';
+import { type ConnectionOptions, endPool, isPool, listenClientConfig, resolvePool } from './connection.ts';
 import { ClosedError, DatabaseError, EventsPurgedError, HeartbeatError, InvalidOptionError, toHeartbeatError } from './errors.ts';
 import { EventChannel } from './event-channel.ts';
 import { type EventsSource, interruptibleSleep, ListenSource, PollSource } from './events-source.ts';
@@ -135,25 +135,6 @@ function toEvent(r: Row): StatusChange {
   };
 }
 
-/** The settings of the LISTEN connection: those of your pool, or the connection string. */
-function clientConfig(connection: ConnectionOptions | pg.Pool, applicationName: string | undefined): pg.ClientConfig {
-  if (isPool(connection) || (connection && typeof connection === 'object' && 'pool' in connection)) {
-    const pool = (isPool(connection) ? connection : connection.pool) as pg.Pool & { options?: pg.PoolConfig };
-    if (!pool.options || typeof pool.options !== 'object') {
-      throw new InvalidOptionError('connection', 'is a pool without its options: pass { connectionString }, or listen: false');
-    }
-    const { max: _m, min: _n, idleTimeoutMillis: _i, maxUses: _u, allowExitOnIdle: _a, maxLifetimeSeconds: _l, ...config } = pool.options as pg.PoolConfig & Record<string, unknown>;
-    return { ...config, application_name: applicationName ?? config.application_name ?? 'pg-heartbeat watch' };
-  }
-  const conn = connection as { connectionString?: unknown } | null;
-  if (!conn || typeof conn !== 'object') throw new TypeError('pg-heartbeat: pass { pool } or { connectionString }');
-  if (conn.connectionString !== undefined && typeof conn.connectionString !== 'string') throw new TypeError('pg-heartbeat: connectionString must be a string');
-  return {
-    ...(conn.connectionString === undefined ? {} : { connectionString: conn.connectionString }),
-    application_name: applicationName ?? 'pg-heartbeat watch',
-  };
-}
-
 function sinceOption(value: unknown): number | 'now' {
   if (value === undefined || value === 'now') return 'now';
   if (typeof value !== 'number' || !Number.isSafeInteger(value) || value < 0) {
@@ -250,7 +231,7 @@ class Watcher implements StatusWatcher {
     this.done = new Promise((resolve) => (this.#finish = resolve));
     const sourceOptions = { timeoutMs: config.timeoutMs, signal: this.#abort.signal };
     if (config.listen) {
-      this.#source = new ListenSource(clientConfig(connection, applicationName), sourceOptions);
+      this.#source = new ListenSource(listenClientConfig(connection, applicationName, 'pg-heartbeat watch', 'listen: false'), sourceOptions);
     } else {
       const resolved = resolvePool(connection, logger, applicationName ?? 'pg-heartbeat watch', 1);
       this.#pool = resolved;

@@ -13,6 +13,7 @@ import { after, before, describe, test } from 'node:test';
 import pg from 'pg';
 import { silentLogger } from '../src/logger.ts';
 import { mergeNow } from '../src/merge.ts';
+import { type MergeReport, startMerger } from '../src/merger.ts';
 import { migrate } from '../src/migrate.ts';
 import { assertSessionConnection, TransactionPoolerError } from '../src/pooler.ts';
 import { HeartbeatStager } from '../src/stager.ts';
@@ -141,10 +142,11 @@ describe('through pgbouncer (pool_mode = transaction)', { skip: missing }, () =>
   });
 
   test('the client code holds no session state: no session advisory locks, named statements, LISTEN or session SET', () => {
-    // the one LISTEN: the status-events watcher's, on a dedicated pg.Client of its own (never a pool's); through a
-    // transaction pooler it runs with listen: false (polling), tested below. Its option is called 'listen', and the
-    // watch command says 'LISTEN' in a message: those files are checked for PREPARE and DECLARE only
-    const listens = new Set(['src/events-source.ts', 'src/status-events.ts', 'src/cli/watch-command.ts']);
+    // the LISTENs: the status-events watcher's and the merger's, each on a dedicated pg.Client of its own (never a
+    // pool's), both sent by events-source.ts; through a transaction pooler they run with listen: false (tested
+    // below). Their option is called 'listen', and the watch command says 'LISTEN' in a message: those files are
+    // checked for PREPARE and DECLARE only
+    const listens = new Set(['src/events-source.ts', 'src/status-events.ts', 'src/cli/watch-command.ts', 'src/merger.ts']);
     const files = (dir: string): string[] =>
       readdirSync(dir, { withFileTypes: true }).flatMap((e) =>
         e.isDirectory() ? files(join(dir, e.name)) : e.name.endsWith('.ts') || e.name.endsWith('.sql') ? [join(dir, e.name)] : [],
@@ -164,6 +166,32 @@ describe('through pgbouncer (pool_mode = transaction)', { skip: missing }, () =>
       }
     }
     assert.deepEqual(offenders, []);
+  });
+});
+
+describe('startMerger() through pgbouncer (pool_mode = transaction)', { skip: missing }, () => {
+  test('with listen (the default) it still merges every tick; with listen: false it sends no LISTEN', async () => {
+    for (const listen of [true, false]) {
+      const ids = await createAgents(db.pool, 20);
+      const reports: MergeReport[] = [];
+      const errors: unknown[] = [];
+      const merger = startMerger({ connectionString: bouncer.url('tx'), max: 2 }, {
+        intervalMs: 200, listen, logger: silentLogger, onMerge: (r) => reports.push(r), onError: (e) => errors.push(e),
+        applicationName: `bouncer-merger-${listen}`,
+      });
+      try {
+        await db.pool.query(
+          `INSERT INTO heartbeat.agent_connection_staging (agent_id, last_connected_at, updated_at) SELECT id, now(), now() FROM unnest($1::uuid[]) AS id`,
+          [ids],
+        );
+        await waitFor(async () => (await stagedCount(db.pool)) === 0 && reports.length >= 5, `merges through pgbouncer (listen: ${listen})`, 15_000);
+      } finally {
+        await merger.close();
+      }
+      assert.deepEqual(errors, [], `no failed merge (listen: ${listen})`);
+      assert.equal(merger.stats().skippedNotified, 0, 'alone, no tick is skipped');
+      if (!listen) assert.equal(merger.stats().listenConnections, 0, 'listen: false opens no LISTEN connection');
+    }
   });
 });
 

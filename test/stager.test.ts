@@ -4,7 +4,7 @@ import { after, before, describe, test } from 'node:test';
 import { ClosedError, HeartbeatError, InvalidOptionError, InvalidUpdateError, MigrationsMissingError } from '../src/errors.ts';
 import { silentLogger } from '../src/logger.ts';
 import { mergeNow } from '../src/merge.ts';
-import { HeartbeatStager } from '../src/stager.ts';
+import { alignedDelay, HeartbeatStager } from '../src/stager.ts';
 import type { AgentUpdate } from '../src/update.ts';
 import { agentRow, createAgents, createTestDb, stagedCount, type TestDb } from './support/db.ts';
 import { recordingLogger, waitFor } from './support/wait.ts';
@@ -269,12 +269,48 @@ describe('HeartbeatStager', () => {
     });
   });
 
+  test('aligned flushes (the default) start on the wall-clock grid: multiples of flushIntervalMs since the epoch, the lead before', async () => {
+    const INTERVAL = 1000;
+    const LEAD = 300;
+    // created 100 ms past a grid instant: a flush every 1000 ms counted from creation would start ~100 ms past each
+    // instant, far from the aligned flush points (300 ms before each)
+    while (Date.now() % INTERVAL < 80 || Date.now() % INTERVAL > 120) await new Promise((r) => setTimeout(r, 5));
+    const starts: number[] = [];
+    const stager = new HeartbeatStager({ pool: db.pool }, {
+      ...quiet, flushIntervalMs: INTERVAL, flushLeadMs: LEAD, onFlush: ({ durationMs }) => void starts.push(Date.now() - durationMs),
+    });
+    const feeding = setInterval(() => stager.stage({ agentId: randomUUID(), updatedAt: new Date() }), 50);
+    try {
+      await waitFor(() => starts.length >= 3, 'three interval flushes', 10_000);
+    } finally {
+      clearInterval(feeding);
+      await stager.close();
+    }
+    for (const start of starts.slice(0, 3)) {
+      const phase = (((start + LEAD) % INTERVAL) + INTERVAL) % INTERVAL; // 0 = exactly the lead before a grid instant
+      const off = Math.min(phase, INTERVAL - phase);
+      assert.ok(off < 250, `a flush started ${off} ms away from its aligned instant (starts mod ${INTERVAL}: ${starts.map((x) => x % INTERVAL)})`);
+    }
+    // one per grid instant: never two flushes for the same instant
+    const slots = starts.slice(0, 3).map((x) => Math.round((x + LEAD) / INTERVAL));
+    assert.equal(new Set(slots).size, 3, `slots ${slots}`);
+  });
+
+  test('alignedDelay(): the next k * interval - lead at least the guard away', () => {
+    assert.equal(alignedDelay(10_000, 1000, 300), 700);
+    assert.equal(alignedDelay(10_650, 1000, 300), 50, 'exactly the guard (50 ms) away is still this instant');
+    assert.equal(alignedDelay(10_690, 1000, 300), 1010, 'a timer that fired 10 ms early does not flush the same instant twice');
+    assert.equal(alignedDelay(10_000, 1000, 300, 500), 700);
+    assert.equal(alignedDelay(10_300, 1000, 300, 500), 1400, 'the first flush: at least half an interval away');
+    assert.equal(alignedDelay(1_764_000_000_123, 5000, 400), 1_764_000_004_600 - 1_764_000_000_123);
+  });
+
   test('rejects bad options and connection arguments with a typed error naming the option', () => {
     const bad: [Record<string, unknown>, string][] = [
       [{ flushIntervalMs: 0 }, 'flushIntervalMs'], [{ flushIntervalMs: 2 ** 31 }, 'flushIntervalMs'],
       [{ closeTimeoutMs: 2 ** 31 }, 'closeTimeoutMs'], [{ queryTimeoutMs: Number.POSITIVE_INFINITY }, 'queryTimeoutMs'],
       [{ maxBatchSize: 0.5 }, 'maxBatchSize'], [{ maxRowsPerCopy: -1 }, 'maxRowsPerCopy'], [{ retryMaxDelayMs: '5' }, 'retryMaxDelayMs'],
-      [{ onFlush: 42 }, 'onFlush'],
+      [{ onFlush: 42 }, 'onFlush'], [{ alignFlush: 'yes' }, 'alignFlush'], [{ flushLeadMs: -1 }, 'flushLeadMs'],
     ];
     for (const [options, option] of bad) {
       assert.throws(() => new HeartbeatStager({ pool: db.pool }, options as never),

@@ -160,7 +160,7 @@ describe('numeric options at 2^31 ms and above are rejected with an InvalidOptio
   const option = (name: string) => (e: unknown): boolean => e instanceof InvalidOptionError && e.option === name && e.code === 'INVALID_OPTION';
 
   const STAGER = ['flushIntervalMs', 'maxBatchSize', 'maxRowsPerCopy', 'retryInitialDelayMs', 'retryMaxDelayMs', 'queryTimeoutMs',
-    'closeTimeoutMs', 'maxClockSkewMs', 'resendCheckIntervalMs'] as const;
+    'closeTimeoutMs', 'maxClockSkewMs', 'resendCheckIntervalMs', 'flushLeadMs'] as const;
   const MERGER = ['intervalMs', 'jitter', 'maxRows', 'queryTimeoutMs', 'parallelism', 'stopTimeoutMs', 'heartbeatIntervalMs',
     'flushIntervalMs', 'inactiveTimeoutMs'] as const;
   const MERGE = ['maxRows', 'part', 'minIntervalMs', 'timeoutMs'] as const;

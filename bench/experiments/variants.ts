@@ -47,9 +47,33 @@ export function experimentalStrategies(): Strategy[] {
     }),
     pgHeartbeatStrategy({
       key: 'pg-heartbeat-x3-startmerger',
-      label: 'pg-heartbeat, 3 replicas, each with startMerger() (5 s, ±10% jitter)',
+      label: 'pg-heartbeat, 3 replicas, each with startMerger() (defaults: flush and merge on the 5 s grid, LISTEN skip)',
       replicas: 3,
       useStartMerger: true,
+    }),
+    // what pg-heartbeat-x3-startmerger measured before 2026-11-28's change of defaults
+    pgHeartbeatStrategy({
+      key: 'pg-heartbeat-x3-startmerger-before',
+      label: 'pg-heartbeat, 3 replicas, startMerger() as before: flush every 2 s, merge 5 s ±10 % from the last start, no LISTEN',
+      replicas: 3,
+      stager: { flushIntervalMs: 2000, alignFlush: false },
+      useStartMerger: true,
+      merger: { align: false, listen: false },
+    }),
+    pgHeartbeatStrategy({
+      key: 'pg-heartbeat-x3-startmerger-aligned',
+      label: 'pg-heartbeat, 3 replicas, startMerger(): flush and merge on the 5 s grid, no LISTEN skip',
+      replicas: 3,
+      useStartMerger: true,
+      merger: { listen: false },
+    }),
+    pgHeartbeatStrategy({
+      key: 'pg-heartbeat-x3-startmerger-flush5',
+      label: 'pg-heartbeat, 3 replicas, startMerger() as before but flush every 5 s, not aligned',
+      replicas: 3,
+      stager: { flushIntervalMs: 5000, alignFlush: false },
+      useStartMerger: true,
+      merger: { align: false, listen: false },
     }),
   ];
   return list;

@@ -9,7 +9,7 @@
 import pg from 'pg';
 import { silentLogger } from '../../src/logger.ts';
 import { mergeNow, toMergeResult, type MergeResult } from '../../src/merge.ts';
-import { type Merger, startMerger } from '../../src/merger.ts';
+import { type Merger, type MergerOptions, startMerger } from '../../src/merger.ts';
 import { HeartbeatStager, type StagerOptions } from '../../src/stager.ts';
 import type { Strategy } from './types.ts';
 
@@ -28,6 +28,8 @@ export interface PgHeartbeatVariant {
   mergeBy?: 'each' | 'first';
   /** Use the library's startMerger() (src/merger.ts: its own interval and ±10% jitter per replica) instead of the bench loop. */
   useStartMerger?: boolean;
+  /** With useStartMerger: more options of startMerger() (align, listen, jitter). */
+  merger?: MergerOptions;
 }
 
 export function pgHeartbeatStrategy(v: PgHeartbeatVariant): Strategy {
@@ -75,7 +77,7 @@ export function pgHeartbeatStrategy(v: PgHeartbeatVariant): Strategy {
       };
       const mergers: Merger[] = v.useStartMerger
         ? mergePools.map((pool) =>
-            startMerger({ pool }, { intervalMs: interval, logger: silentLogger, onMerge: (r) => record([r], r.durationMs), onError: () => m.failedMerges++ }),
+            startMerger({ pool }, { intervalMs: interval, ...v.merger, logger: silentLogger, onMerge: (r) => record([r], r.durationMs), onError: () => m.failedMerges++ }),
           )
         : [];
       const loops = (v.useStartMerger ? [] : mergePools).map(async (pool) => {
@@ -122,6 +124,12 @@ export function pgHeartbeatStrategy(v: PgHeartbeatVariant): Strategy {
             failedCopies: s.reduce((a, x) => a + x.failedCopies, 0),
             deduped: s.reduce((a, x) => a + x.deduped, 0),
             pendingAgents: s.reduce((a, x) => a + x.pendingAgents, 0),
+            // startMerger(): ticks skipped by the SQL (recent) and without a statement (heard by NOTIFY)
+            ...(mergers.length > 0 ? {
+              tickSkippedRecent: mergers.reduce((a, x) => a + x.stats().skippedRecent, 0),
+              tickSkippedNotified: mergers.reduce((a, x) => a + x.stats().skippedNotified, 0),
+              listenConnections: mergers.reduce((a, x) => a + x.stats().listenConnections, 0),
+            } : {}),
           };
         },
         async stop() {

@@ -40,12 +40,13 @@ export function mergeLine(r: Omit<MergeReport, 'parallel'>): string {
 export const mergerCommand: Command = {
   name: 'merger',
   summary: 'run the merge every few seconds in the foreground (safe in every replica) until Ctrl-C or SIGTERM',
-  usage: '[--interval-ms 5000] [--heartbeat-interval-ms 15000] [--flush-interval-ms 2000] [--inactive-timeout-ms 30000] [--metrics-port 9187 [--metrics-host 127.0.0.1]]',
+  usage: '[--interval-ms 5000] [--heartbeat-interval-ms 15000] [--flush-interval-ms 2000] [--inactive-timeout-ms 30000] [--no-listen] [--metrics-port 9187 [--metrics-host 127.0.0.1]]',
   help: {
-    'interval-ms': 'time between merges (default 5000)',
+    'interval-ms': 'time between merges, on the wall-clock grid of its multiples (default 5000)',
     'heartbeat-interval-ms': 'the agents\' heartbeat interval, for the timing check (default 15000)',
-    'flush-interval-ms': 'the stager\'s flush interval, for the timing check (default 2000)',
+    'flush-interval-ms': 'the stager\'s flush interval, for the timing check (default 5000)',
     'inactive-timeout-ms': 'agent_status()\'s inactive timeout, for the timing check (default 30000)',
+    'no-listen': 'do not LISTEN for other mergers\' merges (needed behind pgbouncer in transaction mode): every tick asks the database',
     'metrics-port': 'serve Prometheus metrics on http://HOST:PORT/metrics (0: a free port; needs prom-client installed)',
     'metrics-host': 'the address /metrics listens on (default 127.0.0.1; 0.0.0.0 in a container)',
   },
@@ -54,6 +55,7 @@ export const mergerCommand: Command = {
     'heartbeat-interval-ms': { type: 'string' },
     'flush-interval-ms': { type: 'string' },
     'inactive-timeout-ms': { type: 'string' },
+    'no-listen': { type: 'boolean' },
     'metrics-port': { type: 'string' },
     'metrics-host': { type: 'string' },
   },
@@ -81,7 +83,7 @@ export const mergerCommand: Command = {
       const first = await mergeNow(pool);
       ctx.out(mergeLine({ ...first, startedAt, durationMs: Math.round(performance.now() - t0) }));
       // startMerger warns on stderr when the timing invariant is broken, and logs failed merges there
-      const merger = startMerger({ pool }, { intervalMs, ...timing, logger: consoleLogger, onMerge: (r) => ctx.out(mergeLine(r)) });
+      const merger = startMerger({ pool }, { intervalMs, ...timing, listen: ctx.values['no-listen'] !== true, logger: consoleLogger, onMerge: (r) => ctx.out(mergeLine(r)) });
       if (metricsPort !== undefined) {
         try {
           metrics = await startMetrics({ merger, pool, port: metricsPort, host: typeof metricsHost === 'string' ? metricsHost : undefined });

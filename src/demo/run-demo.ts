@@ -178,7 +178,7 @@ export async function runDemo(o: DemoOptions): Promise<void> {
     say(
       `heartbeating for ${o.seconds} s: each agent every ${HEARTBEAT_PERIOD_MS / 1000} s ± ${HEARTBEAT_JITTER * 100} % ` +
         `(≈ ${fmt(rate)}/s at steady state), the first within ${fmt(firstWindowMs(o.seconds) / 1000, 1)} s; ` +
-        'the stager COPYs every 2 s, the merger merges every 5 s',
+        'the stager COPYs every 5 s (0.4 s before each merge), the merger merges every 5 s',
     );
     const startedDb = (await readStatus({ pool: counter.pool }, { logger })).checkedAt;
     const t0 = Date.now();
