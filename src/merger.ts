@@ -213,8 +213,16 @@ class MergeLoop implements Merger {
   #timer: NodeJS.Timeout | undefined;
   #running: Promise<void> | undefined;
   #stopping: Promise<void> | undefined;
-  /** Merge the parts in parallel on the next tick (the last one was long, or left rows). */
+  /**
+   * The next tick goes straight to one call per part, in parallel (the last one was long, or left rows): a call over
+   * every part would run alone first. Otherwise a tick begins with one call over every part, and fans out at once if
+   * that call leaves rows.
+   */
   #fanOut = false;
+  /** How many parts staging had at the last call over every part (what a straight fan-out merges). */
+  #parts: number | undefined;
+  /** Whether this tick merged parts in parallel (MergeReport.parallel). */
+  #tickParallel = false;
   /** The lock episode last warned about (holder pid and since when), so each is warned once. */
   #warnedLock: string | undefined;
   /** Staged rows per statement: the maxRows option, halved each time the server's statement_timeout cuts one off. */
@@ -472,10 +480,10 @@ class MergeLoop implements Merger {
     // a tick drains for at most one interval, then lets the next tick start
     const budgetEnd = t0 + intervalMs;
     let result: MergeResult;
-    const parallel = this.#fanOut;
+    this.#tickParallel = false;
     try {
-      result = parallel
-        ? await this.#mergeParallel(minIntervalMs, budgetEnd)
+      result = this.#fanOut && this.#parts !== undefined
+        ? await this.#mergeParts(emptyMergeResult(), Array.from({ length: this.#parts }, (_, part) => part), minIntervalMs, budgetEnd)
         : await this.#mergeSeries(minIntervalMs, budgetEnd);
     } catch (err) {
       const error = toHeartbeatError(err, 'merge');
@@ -519,7 +527,7 @@ class MergeLoop implements Merger {
       if (result.more || durationMs > intervalMs * 0.5) this.#fanOut = true;
       else if (durationMs < intervalMs * 0.2) this.#fanOut = false;
     }
-    const report: MergeReport = { ...result, startedAt, durationMs, parallel };
+    const report: MergeReport = { ...result, startedAt, durationMs, parallel: this.#tickParallel };
     if (result.partsMerged > 0) {
       const { startedAt: _s, partsWithMore: _p, lockBusySince: _l, ...counts } = report;
       this.logger.info('merged staged heartbeats', counts);
@@ -531,9 +539,13 @@ class MergeLoop implements Merger {
     return result.more;
   }
 
-  /** Every part in one call, again while rows are left and the tick's budget lasts. */
+  /**
+   * Every part in one call; when that leaves rows, the parts with rows left in parallel at once (#mergeParts), or,
+   * when this merger merges one part at a time, again in one call while rows are left and the tick's budget lasts.
+   */
   async #mergeSeries(minIntervalMs: number, budgetEnd: number): Promise<MergeResult> {
     const total = emptyMergeResult();
+    const fanOut = (this.config.parallelism ?? 2) > 1;
     let first = true;
     for (;;) {
       const r = await this.#statement({ part: null, minIntervalMs: first ? minIntervalMs : null });
@@ -541,39 +553,55 @@ class MergeLoop implements Merger {
       this.#notified = !r.more && r.partsMerged === r.parts;
       addMergeResults(total, r);
       total.parts = r.parts;
+      this.#parts = r.parts;
       total.partsWithMore = r.partsWithMore;
       total.more = r.more;
       total.skippedConcurrent = first ? r.skippedConcurrent : total.skippedConcurrent && r.skippedConcurrent;
       first = false;
       if (!r.more || performance.now() > budgetEnd || this.#stopping) return total;
+      if (fanOut) {
+        this.#notified = false;
+        return this.#mergeParts(total, r.partsWithMore, null, budgetEnd);
+      }
     }
   }
 
-  /** The parts in parallel (at most `parallelism` at once), each drained while the budget lasts. */
-  async #mergeParallel(minIntervalMs: number, budgetEnd: number): Promise<MergeResult> {
-    // the first call also tells how many parts there are, and merges them all if the backlog is gone
-    const total = await this.#mergeSeries(minIntervalMs, performance.now());
-    const parts = total.parts;
-    if (!total.more) return total;
-    this.#notified = false;
-    const limit = Math.min(this.config.parallelism ?? (this.owned ? 4 : 1), parts);
-    const queue = [...total.partsWithMore];
-    const workers = Array.from({ length: Math.max(1, limit) }, async () => {
+  /**
+   * `parts` in parallel (at most `parallelism` at once, one call per part at a time), each drained while the budget
+   * lasts; their counts are added to `total`. `minIntervalMs` goes with each part's first call (skip a part another
+   * merger just merged). A part that no longer exists (staging has fewer parts since) is left out, and the next tick
+   * begins with a call over every part again.
+   */
+  async #mergeParts(total: MergeResult, parts: number[], minIntervalMs: number | null, budgetEnd: number): Promise<MergeResult> {
+    this.#tickParallel = true;
+    if (total.parts === 0) total.parts = parts.length;
+    const limit = Math.max(1, Math.min(this.config.parallelism ?? (this.owned ? 4 : 1), parts.length));
+    const queue = [...parts];
+    const left: number[] = [];
+    const workers = Array.from({ length: limit }, async () => {
       for (let part = queue.shift(); part !== undefined; part = queue.shift()) {
-        for (;;) {
-          const r = await this.#statement({ part, minIntervalMs: null });
+        for (let first = true; ; first = false) {
+          let r: MergeResult;
+          try {
+            r = await this.#statement({ part, minIntervalMs: first ? minIntervalMs : null });
+          } catch (err) {
+            if ((err as { code?: unknown }).code !== '22023' || !first) throw err;
+            this.#parts = undefined;   // 'staging has parts 0 to n, not <part>'
+            break;
+          }
           addMergeResults(total, r);
           if (!r.more || performance.now() > budgetEnd || this.#stopping) {
-            if (r.more) total.partsWithMore.push(part);
+            if (r.more) left.push(part);
             break;
           }
         }
       }
     });
-    total.partsWithMore = [];
     const outcomes = await Promise.allSettled(workers);
     const failed = outcomes.find((o): o is PromiseRejectedResult => o.status === 'rejected');
-    total.more = total.partsWithMore.length > 0;
+    total.partsWithMore = left.sort((x, y) => x - y);
+    total.more = left.length > 0;
+    total.skippedConcurrent = total.partsMerged === 0 && total.partsSkippedConcurrent > 0;
     if (failed) throw failed.reason;
     return total;
   }

@@ -443,6 +443,59 @@ describe('the timing invariant', () => {
   });
 });
 
+describe('a backlog: fan-out over the parts', () => {
+  test('a tick whose call over every part leaves rows merges the parts in parallel at once; the next tick goes straight to one call per part', async () => {
+    const fan = await createTestDb('merger_fanout');
+    const sent: string[] = [];
+    const pool = new pg.Pool({ connectionString: fan.url, max: 4 });
+    pool.on('error', () => {});
+    pool.on('connect', (client) => {
+      const query = client.query.bind(client) as (...args: unknown[]) => unknown;
+      (client as unknown as { query: (...args: unknown[]) => unknown }).query = (...args: unknown[]) => {
+        const text = typeof args[0] === 'string' ? args[0] : (args[0] as { text?: string }).text ?? '';
+        const m = /heartbeat\.(merge_agent_connections|merge_staging_part)\(/.exec(text);
+        if (m) sent.push(m[1]!);
+        return query(...args);
+      };
+    });
+    try {
+      await fan.pool.query(
+        `INSERT INTO public.workspace_agents (id, updated_at) SELECT gen_random_uuid(), now() - interval '1 hour' FROM generate_series(1, 60000);
+         INSERT INTO heartbeat.agent_connection_staging (agent_id, last_connected_at, updated_at) SELECT id, now(), now() FROM public.workspace_agents`);
+      // at most 100 staged rows per statement (25 per part in a call over every part): 600 statements and more
+      const ticks: { report: MergeReport; statements: string[] }[] = [];
+      let mark = 0;
+      const merger = startMerger({ pool }, {
+        intervalMs: 1000, jitter: 0, maxRows: 100, parallelism: 4, listen: false, logger: silentLogger,
+        onMerge: (report) => {
+          ticks.push({ report, statements: sent.slice(mark) });
+          mark = sent.length;
+        },
+      });
+      try {
+        await waitFor('the backlog drained', async () => (await stagedCount(fan.pool)) === 0, 120_000);
+      } finally {
+        await merger.close();
+      }
+      const [first] = ticks;
+      assert.equal(first!.statements[0], 'merge_agent_connections', 'a tick begins with one call over every part');
+      assert.ok(first!.report.parallel, 'that call left rows: the same tick merged the parts in parallel');
+      assert.ok(first!.statements.slice(1).length > 0 && first!.statements.slice(1).every((x) => x === 'merge_staging_part'));
+      const afterBacklog = ticks.filter((_, i) => i > 0 && ticks[i - 1]!.report.more);
+      assert.ok(afterBacklog.length > 0, `the backlog outlasted a tick (${ticks.length} ticks)`);
+      for (const t of afterBacklog) {
+        assert.ok(t.statements.length > 0 && t.statements.every((x) => x === 'merge_staging_part'),
+          `after a tick that left rows: straight to one call per part (${t.statements.join(', ')})`);
+      }
+      const { rows } = await fan.pool.query('SELECT count(*)::int AS n FROM public.workspace_agents WHERE last_connected_at IS NOT NULL');
+      assert.equal(rows[0].n, 60_000, 'every agent merged');
+    } finally {
+      await pool.end();
+      await fan.drop();
+    }
+  });
+});
+
 describe('statement_timeout shorter than a merge statement', () => {
   test('the merger halves its rows per statement (warning once per halving) and drains without a failed tick', async () => {
     const tight = await createTestDb('merger_tight');

@@ -3,8 +3,10 @@
  * < 60 s"), by pg_cron's merge lanes (sql/019) and by startMerger(), side by side in one run.
  * A database holding N agents gets one staged heartbeat per agent, of two kinds:
  *   live       every agent was connected a moment ago (a short outage of the merge): no status changes;
- *   reconnect  every agent timed out ten minutes ago (a long outage, or a fleet-wide reconnect): every
+ *   reconnect  every agent timed out an hour ago (a long outage, or a fleet-wide reconnect): every
  *              row changes a status and records an event (the costliest merge there is).
+ * The inactive timeout is 10 minutes here, so that no agent times out while its backlog drains (no live
+ * heartbeats come meanwhile): otherwise the sweep at the end of the drain records a timeout for every agent.
  * Each backlog is drained by `CALL heartbeat.merge_loop(every => '59 seconds', run_for => '0', lane => k,
  * lanes => L)` in L sessions at once (what L pg_cron jobs do at one grid instant), for L = 1, 2 and 4,
  * starting from the backlog their parts' merge_state shows (one bounded merge of every part first);
@@ -51,6 +53,9 @@ async function install(): Promise<void> {
   await c.query(`INSERT INTO public.workspace_agents (id, updated_at, first_connected_at, last_connected_at)
                  SELECT gen_random_uuid(), now() - interval '1 minute', now() - interval '1 minute', now() - interval '1 minute'
                    FROM generate_series(1, $1)`, [agents]);
+  // no agent times out while a backlog drains (there are no live heartbeats here): a sweep at its end would
+  // otherwise record a timeout for every agent the drain took longer than the timeout for, inside the last merge
+  await c.query(`UPDATE heartbeat.settings SET inactive_timeout = '10 minutes'`);
   await c.query('VACUUM ANALYZE public.workspace_agents');
   await c.query('SELECT heartbeat.sweep_status()');
   await c.end();
@@ -60,7 +65,7 @@ type Kind = 'live' | 'reconnect';
 
 async function stageBacklog(c: pg.Client, kind: Kind): Promise<void> {
   // every agent's row as the kind wants it, the status sweep's view of it recorded, the dead rows gone
-  const ago = kind === 'live' ? '5 seconds' : '10 minutes';
+  const ago = kind === 'live' ? '5 seconds' : '1 hour';
   await c.query(`UPDATE public.workspace_agents SET last_connected_at = now() - $1::interval, updated_at = now() - $1::interval,
                         disconnected_at = NULL`, [ago]);
   await c.query('SELECT heartbeat.sweep_status()');
