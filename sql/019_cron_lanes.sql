@@ -239,6 +239,7 @@ AS $schedule$
 DECLARE
     j       record;
     jobs    text[] := '{}';
+    prefix  text;
 BEGIN
     FOR j IN SELECT * FROM heartbeat.merge_job(every, lanes) LOOP
         IF j.cron_database <> j.database THEN
@@ -262,10 +263,11 @@ BEGIN
     END LOOP;
     -- fewer lanes than before: the extra lanes' jobs go (their loops return at
     -- the end of their minute; they merge only parts that need it until then)
+    prefix := jobs[1] || '-lane-';
     EXECUTE 'SELECT count(cron.unschedule(c.jobid)) FROM cron.job c '
             'WHERE pg_catalog.starts_with(c.jobname, $1) AND c.database = pg_catalog.current_database() '
             '  AND c.jobname <> ALL ($2)'
-       USING jobs[1] || '-lane-', jobs;
+       USING prefix, jobs;
 END
 $schedule$;
 REVOKE ALL ON FUNCTION heartbeat.schedule_merge(interval, integer) FROM PUBLIC;
@@ -280,6 +282,7 @@ AS $unschedule$
 DECLARE
     j       record;
     removed bigint;
+    prefix  text;
 BEGIN
     SELECT * INTO j FROM heartbeat.merge_job();
     IF j.cron_database <> j.database THEN
@@ -293,9 +296,10 @@ BEGIN
     IF pg_catalog.to_regnamespace('cron') IS NULL THEN
         RETURN false;
     END IF;
+    prefix := j.job_name || '-lane-';
     EXECUTE 'SELECT count(cron.unschedule(c.jobid)) FROM cron.job c '
-            'WHERE c.jobname = $1 OR (pg_catalog.starts_with(c.jobname, $1 || ''-lane-'') AND c.database = pg_catalog.current_database())'
-       INTO removed USING j.job_name;
+            'WHERE c.jobname = $1 OR (pg_catalog.starts_with(c.jobname, $2) AND c.database = pg_catalog.current_database())'
+       INTO removed USING j.job_name, prefix;
     RETURN removed > 0;
 END
 $unschedule$;

@@ -522,10 +522,12 @@ class MergeLoop implements Merger {
       });
     }
     const { parallelism } = this.config;
-    // fan out when a tick takes a large share of the interval or leaves rows; back to one call when it is quick again
+    // straight to one call per part next time when this tick fanned out (rows were left after a call over every
+    // part) and left rows or took a large share of the interval; back to one call first when a tick did not fan out
+    // or was quick. (A tick that is merely slow, with no backlog, stays one call, and announces itself: NOTIFY.)
     if ((parallelism ?? 2) > 1) {
-      if (result.more || durationMs > intervalMs * 0.5) this.#fanOut = true;
-      else if (durationMs < intervalMs * 0.2) this.#fanOut = false;
+      if (this.#tickParallel && (result.more || durationMs > intervalMs * 0.5)) this.#fanOut = true;
+      else if (!this.#tickParallel || durationMs < intervalMs * 0.2) this.#fanOut = false;
     }
     const report: MergeReport = { ...result, startedAt, durationMs, parallel: this.#tickParallel };
     if (result.partsMerged > 0) {

@@ -28,7 +28,7 @@ const WRITER_ROUTINES = new Set([
   'merge_status()',
   'part_status()',
   'agent_status(interval,uuid[])',
-  'merge_loop(interval,interval)',
+  'merge_loop(interval,interval,integer,integer)',
   // read-only helpers the status functions (which run with the caller's rights) call
   'staging_parts()',
   'clock_horizon()',
