@@ -57,7 +57,7 @@ async function assertCleanedUp(): Promise<void> {
 }
 
 test('demo on DATABASE_URL: disconnect check, summary, exit 0, cleaned up', async () => {
-  const run = await start(['demo', '--agents', '300', '--seconds', '6'], { DATABASE_URL: db.url }).done;
+  const run = await start(['demo', '--agents', '300', '--seconds', '12'], { DATABASE_URL: db.url }).done;
   assert.equal(run.code, 0, `exit code; stderr: ${run.stderr}\nstdout: ${run.stdout}`);
   assert.equal(run.stderr, '');
   const out = run.stdout;

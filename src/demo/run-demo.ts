@@ -226,7 +226,7 @@ export async function runDemo(o: DemoOptions): Promise<void> {
     const before = await agentStatus(c.pool, { agentIds: fleet.ids });
     const connected = new Set(before.filter((r) => r.status === 'connected').map((r) => r.agentId));
     const gone = fleet.leave(Math.max(1, Math.round(o.agents * DISCONNECT_FRACTION)), connected);
-    if (gone.length === 0) throw new Error('no agent shows connected yet (the first merge runs after about 5 s): use --seconds 6 or more');
+    if (gone.length === 0) throw new Error('no agent shows connected yet (heartbeats are COPYed and merged on the 5 s grid: the first merge with heartbeats comes within about 8 s): use --seconds 12 or more');
     const stormStarted = performance.now();
     stormWatch.startedAt = stormStarted;
     for (const id of gone) stormWatch.gone.add(id);
