@@ -76,7 +76,13 @@ export const mergerCommand: Command = {
     });
     pool.on('error', () => {});
     let metrics: RunningMetrics | undefined;
+    // Ctrl-C or SIGTERM from now on stops it cleanly, also during the first merge
+    const keepAlive = setInterval(() => {}, 1 << 30);
     try {
+      const stopSignal = new Promise<string>((resolve) => {
+        process.once('SIGINT', () => resolve('SIGINT'));
+        process.once('SIGTERM', () => resolve('SIGTERM'));
+      });
       // the first merge runs now, so a bad database fails here with one line
       const t0 = performance.now();
       const startedAt = new Date();
@@ -93,18 +99,14 @@ export const mergerCommand: Command = {
         }
         ctx.out(`serving metrics on ${metrics.url}`);
       }
-      const keepAlive = setInterval(() => {}, 1 << 30);
-      const signal = await new Promise<string>((resolve) => {
-        process.once('SIGINT', () => resolve('SIGINT'));
-        process.once('SIGTERM', () => resolve('SIGTERM'));
-      });
-      clearInterval(keepAlive);
+      const signal = await stopSignal;
       ctx.out(`${signal}: stopping after the merge in progress`);
       await metrics?.close();
       await merger.stop();
       const s = merger.stats();
       ctx.out(`stopped: ${s.merges} merge(s), ${s.skippedConcurrent} skipped (another merge running), ${s.failures} failed`);
     } finally {
+      clearInterval(keepAlive);
       await pool.end().catch(() => {});
     }
   },

@@ -38,8 +38,13 @@ async function holdMerge(): Promise<{ pid: number; client: pg.Client }> {
   await client.connect();
   clients.push(client);
   const pid = (await client.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]!.pid;
-  await client.query('BEGIN');
-  await client.query('SELECT * FROM heartbeat.merge_agent_connections()');
+  // the test's own merger may be merging a part right then (its lock taken): until this transaction holds every part
+  for (;;) {
+    await client.query('BEGIN');
+    const { rows } = await client.query<{ n: number }>('SELECT parts_skipped_concurrent AS n FROM heartbeat.merge_agent_connections()');
+    if (Number(rows[0]!.n) === 0) break;
+    await client.query('ROLLBACK');
+  }
   return { pid, client };
 }
 
