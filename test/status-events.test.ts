@@ -148,9 +148,11 @@ describe('status events', () => {
       for (const id of ids) await stage(id, { last: now, updated: now });
       const r = await mergeNow(db.pool);
       assert.equal(r.agentsUpdated, 500);
-      assert.equal(r.statusEvents, 0);
     }
-    assert.equal(await head(), start, 'no event at steady state');
+    // (agents of earlier tests in this database may time out meanwhile: the merge's sweep records those)
+    const { rows } = await db.pool.query<{ n: string }>(
+      'SELECT count(*) AS n FROM heartbeat.status_events_after($1, 100000) WHERE agent_id = ANY ($2::uuid[])', [start, ids]);
+    assert.equal(Number(rows[0]!.n), 0, 'no event for these agents at steady state');
   });
 
   test('ids become visible in commit order: a reader never finds a new event below one it saw', async () => {
