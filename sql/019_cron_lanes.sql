@@ -56,7 +56,7 @@ DECLARE
     now_epoch   pg_catalog.float8;
     merge_now   boolean;
     me          pg_catalog.text;     -- merge_state.merged_by of this loop's merges
-    todo        pg_catalog.int4[];   -- lane >= 1: the parts to merge at this instant
+    todo        pg_catalog.int4[];   -- the parts to merge at this instant (lane 0: {NULL}, every part in one call)
     part_no     pg_catalog.int4;
     r           record;
 BEGIN
@@ -107,19 +107,7 @@ BEGIN
         -- unschedule_merge() since we started: stop
         EXIT WHEN (SELECT s.generation FROM heartbeat.cron_state s) IS DISTINCT FROM gen;
         IF lane OPERATOR(pg_catalog.=) 0 THEN
-            -- every part in one call: again while rows are left, committing in between
-            LOOP
-                BEGIN
-                    SELECT * INTO r FROM heartbeat.merge_agent_connections(merger => me);
-                EXCEPTION WHEN OTHERS THEN
-                    -- logged by the server; the next grid instant (or the next run) retries
-                    RAISE WARNING 'pg-heartbeat merge failed: % (SQLSTATE %)', SQLERRM, SQLSTATE;
-                    r := NULL;
-                END;
-                COMMIT;
-                EXIT WHEN r IS NULL OR NOT r.more
-                     OR pg_catalog.date_part('epoch', pg_catalog.clock_timestamp()) OPERATOR(pg_catalog.>=) drain_until;
-            END LOOP;
+            todo := ARRAY[NULL]::pg_catalog.int4[];   -- every part in one call
         ELSE
             -- this lane's parts that need it (see the head of sql/019)
             SELECT pg_catalog.array_agg(p.part ORDER BY p.part) INTO todo
@@ -135,20 +123,27 @@ BEGIN
                     OR ms.last_merge_at OPERATOR(pg_catalog.<)
                        (pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) (every OPERATOR(pg_catalog.*) 2::pg_catalog.float8)));
             COMMIT;
-            FOREACH part_no IN ARRAY COALESCE(todo, '{}') LOOP
-                LOOP
-                    BEGIN
-                        SELECT * INTO r FROM heartbeat.merge_staging_part(part => part_no, merger => me);
-                    EXCEPTION WHEN OTHERS THEN
-                        RAISE WARNING 'pg-heartbeat merge of part % failed: % (SQLSTATE %)', part_no, SQLERRM, SQLSTATE;
-                        r := NULL;
-                    END;
-                    COMMIT;
-                    EXIT WHEN r IS NULL OR NOT r.more
-                         OR pg_catalog.date_part('epoch', pg_catalog.clock_timestamp()) OPERATOR(pg_catalog.>=) drain_until;
-                END LOOP;
-            END LOOP;
         END IF;
+        -- each: merge again while rows are left (NULL: every part in one call), committing in between
+        FOREACH part_no IN ARRAY COALESCE(todo, '{}') LOOP
+            LOOP
+                BEGIN
+                    IF part_no IS NULL THEN
+                        SELECT * INTO r FROM heartbeat.merge_agent_connections(merger => me);
+                    ELSE
+                        SELECT * INTO r FROM heartbeat.merge_staging_part(part => part_no, merger => me);
+                    END IF;
+                EXCEPTION WHEN OTHERS THEN
+                    -- logged by the server; the next grid instant (or the next run) retries
+                    RAISE WARNING 'pg-heartbeat merge (%) failed: % (SQLSTATE %)',
+                        COALESCE('part ' OPERATOR(pg_catalog.||) part_no::pg_catalog.text, 'every part'), SQLERRM, SQLSTATE;
+                    r := NULL;
+                END;
+                COMMIT;
+                EXIT WHEN r IS NULL OR NOT r.more
+                     OR pg_catalog.date_part('epoch', pg_catalog.clock_timestamp()) OPERATOR(pg_catalog.>=) drain_until;
+            END LOOP;
+        END LOOP;
         EXIT WHEN run_for OPERATOR(pg_catalog.=) pg_catalog.interval '0';
         slot := slot OPERATOR(pg_catalog.+) step;
         -- the merge ran past the next instant(s): one merge at once, on the latest instant passed
