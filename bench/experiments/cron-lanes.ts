@@ -17,16 +17,14 @@
  * (DATABASE_URL: a superuser on a server on this machine, with autovacuum on, e.g. the one
  * bench/experiments/cluster.ts starts; default postgresql://postgres@127.0.0.1:5432/postgres)
  */
-import { readFileSync, readdirSync } from 'node:fs';
-import { fileURLToPath } from 'node:url';
 import pg from 'pg';
 import { silentLogger } from '../../src/logger.ts';
 import { startMerger } from '../../src/merger.ts';
+import { migrate } from '../../src/migrate.ts';
+
 const admin = process.argv[2] ?? 'postgresql://postgres@127.0.0.1:5432/postgres';
 const agents = Number(process.argv[3] ?? 1_000_000);
 const repeats = Number(process.argv[4] ?? 2);
-const SQL_DIR = fileURLToPath(new URL('../../sql/', import.meta.url));
-const files = readdirSync(SQL_DIR).filter((f) => /^\d{3}_.*\.sql$/.test(f)).sort();
 const DB = 'hb_cron_lanes_experiment';
 
 const urlFor = (db: string): string => {
@@ -40,16 +38,10 @@ async function install(): Promise<void> {
   await a.connect();
   await a.query(`DROP DATABASE IF EXISTS ${DB} WITH (FORCE)`);
   await a.query(`CREATE DATABASE ${DB}`);
-  await a.query(readFileSync(`${SQL_DIR}roles.sql`, 'utf8')).catch(() => {});   // once per cluster
   await a.end();
+  await migrate({ connectionString: urlFor(DB) }, { logger: silentLogger });
   const c = new pg.Client({ connectionString: urlFor(DB) });
   await c.connect();
-  await c.query('CREATE SCHEMA heartbeat');
-  for (const f of files) {
-    await c.query('BEGIN');
-    await c.query(readFileSync(SQL_DIR + f, 'utf8'));
-    await c.query('COMMIT');
-  }
   await c.query(`INSERT INTO public.workspace_agents (id, updated_at, first_connected_at, last_connected_at)
                  SELECT gen_random_uuid(), now() - interval '1 minute', now() - interval '1 minute', now() - interval '1 minute'
                    FROM generate_series(1, $1)`, [agents]);
