@@ -262,7 +262,7 @@ class MergeLoop implements Merger {
    * so replicas sweep about once per interval between them, and each merger at least once per own tick.
    */
   get #sweepMinGapMs(): number {
-    return Math.round(this.config.intervalMs * (1 - this.config.jitter) * 0.8);
+    return this.#minIntervalMs;
   }
 
   constructor(
