@@ -46,6 +46,12 @@ export function experimentalStrategies(): Strategy[] {
       mergeBy: 'first',
     }),
     pgHeartbeatStrategy({
+      key: 'pg-heartbeat-startmerger',
+      label: 'pg-heartbeat, one replica with startMerger({ connectionString }) (the library\'s merger and its own pool: grid ticks, parts fanned out in parallel on a backlog)',
+      useStartMerger: true,
+      mergerOwnPool: true,
+    }),
+    pgHeartbeatStrategy({
       key: 'pg-heartbeat-x3-startmerger',
       label: 'pg-heartbeat, 3 replicas, each with startMerger() (defaults: flush and merge on the 5 s grid, LISTEN skip)',
       replicas: 3,

@@ -28,6 +28,12 @@ export interface PgHeartbeatVariant {
   mergeBy?: 'each' | 'first';
   /** Use the library's startMerger() (src/merger.ts: its own interval and ±10% jitter per replica) instead of the bench loop. */
   useStartMerger?: boolean;
+  /**
+   * With useStartMerger: give it the connection string, so it makes its own pool as an application
+   * calling startMerger({ connectionString }) does (4 connections: the parts fanned out in
+   * parallel on a backlog), instead of a bench pool of one connection (parallelism 1).
+   */
+  mergerOwnPool?: boolean;
   /** With useStartMerger: more options of startMerger() (align, listen, jitter). */
   merger?: MergerOptions;
 }
@@ -77,7 +83,7 @@ export function pgHeartbeatStrategy(v: PgHeartbeatVariant): Strategy {
       };
       const mergers: Merger[] = v.useStartMerger
         ? mergePools.map((pool) =>
-            startMerger({ pool }, { intervalMs: interval, ...v.merger, logger: silentLogger, onMerge: (r) => record([r], r.durationMs), onError: () => m.failedMerges++ }),
+            startMerger(v.mergerOwnPool ? { connectionString: ctx.url } : { pool }, { intervalMs: interval, ...v.merger, logger: silentLogger, onMerge: (r) => record([r], r.durationMs), onError: () => m.failedMerges++ }),
           )
         : [];
       const loops = (v.useStartMerger ? [] : mergePools).map(async (pool) => {
