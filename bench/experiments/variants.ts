@@ -46,6 +46,11 @@ export function experimentalStrategies(): Strategy[] {
       mergeBy: 'first',
     }),
     pgHeartbeatStrategy({
+      key: 'pg-heartbeat-parts1',
+      label: 'pg-heartbeat, staging in 1 part (heartbeat.set_staging_parts(1)), the bench loop',
+      prepareSql: ['SELECT heartbeat.set_staging_parts(1)'],
+    }),
+    pgHeartbeatStrategy({
       key: 'pg-heartbeat-startmerger',
       label: 'pg-heartbeat, one replica with startMerger({ connectionString }) (the library\'s merger and its own pool: grid ticks, parts fanned out in parallel on a backlog)',
       useStartMerger: true,
