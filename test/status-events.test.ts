@@ -317,6 +317,12 @@ describe('status events', () => {
         }
       })();
       await Promise.all([heartbeats, disconnects, sweeps]);
+      // a few agents heartbeat once more after the last disconnect (the storm's last calls may have
+      // disconnected both replicas), so some are connected when the fleet falls silent below
+      const last = new Date();
+      for (const id of ids.slice(0, 10)) {
+        stagers[0]!.stage({ agentId: id, firstConnectedAt: last, lastConnectedAt: last, lastConnectedReplicaId: replicas[0]!, updatedAt: last });
+      }
       for (const s of stagers) await s.close();
       for (const m of mergers) await m.close();
       mergers.length = 0;
