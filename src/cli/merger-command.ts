@@ -78,11 +78,13 @@ export const mergerCommand: Command = {
     let metrics: RunningMetrics | undefined;
     // Ctrl-C or SIGTERM from now on stops it cleanly, also during the first merge
     const keepAlive = setInterval(() => {}, 1 << 30);
+    let onSignal: (signal: NodeJS.Signals) => void = () => {};
+    const stopSignal = new Promise<string>((resolve) => {
+      onSignal = resolve;
+    });
+    process.once('SIGINT', onSignal);
+    process.once('SIGTERM', onSignal);
     try {
-      const stopSignal = new Promise<string>((resolve) => {
-        process.once('SIGINT', () => resolve('SIGINT'));
-        process.once('SIGTERM', () => resolve('SIGTERM'));
-      });
       // the first merge runs now, so a bad database fails here with one line
       const t0 = performance.now();
       const startedAt = new Date();
@@ -107,6 +109,8 @@ export const mergerCommand: Command = {
       ctx.out(`stopped: ${s.merges} merge(s), ${s.skippedConcurrent} skipped (another merge running), ${s.failures} failed`);
     } finally {
       clearInterval(keepAlive);
+      process.off('SIGINT', onSignal);
+      process.off('SIGTERM', onSignal);
       await pool.end().catch(() => {});
     }
   },
