@@ -34,6 +34,7 @@ import { silentLogger } from '../../src/logger.ts';
 import { HeartbeatStager } from '../../src/stager.ts';
 import { checkAgent, fromDbRow, type AgentEvent, type OracleRow } from '../support/oracle.ts';
 import { createTestDb, type TestDb } from '../support/db.ts';
+import { drained } from '../support/drain.ts';
 import { eventChainProblems } from '../support/event-chain.ts';
 import { startFreezeProxy, type FreezeProxy } from '../support/freeze-proxy.ts';
 
@@ -233,7 +234,7 @@ async function runCase(c: { agents: number; initialFirst: number | null; events:
   const drain = async (): Promise<void> => {
     for (;;) {
       const r = await mergeNow(mergePools[0]!);
-      if (!r.skippedConcurrent && r.rowsConsumed === 0) break;
+      if (drained(r)) break;
     }
   };
   await drain();

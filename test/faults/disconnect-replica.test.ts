@@ -17,6 +17,7 @@ import { silentLogger } from '../../src/logger.ts';
 import { mergeNow } from '../../src/merge.ts';
 import { HeartbeatStager } from '../../src/stager.ts';
 import { createAgents, createTestDb, stagedCount, type TestDb } from '../support/db.ts';
+import { mergeUntilDrained } from '../support/drain.ts';
 
 let db: TestDb;
 before(async () => {
@@ -56,10 +57,7 @@ async function waitForLockWait(app: string): Promise<void> {
 }
 
 async function drain(): Promise<void> {
-  for (;;) {
-    const r = await mergeNow(db.pool);
-    if (!r.skippedConcurrent && r.rowsConsumed === 0) return;
-  }
+  await mergeUntilDrained(db.pool);
 }
 
 describe('merge vs disconnect_replica', () => {
@@ -252,6 +250,74 @@ describe('merge vs disconnect_replica', () => {
       assert.ok(moved.every((id) => connected(after.get(id)!) && after.get(id)!.replica === B), 'the reconnects through B were kept');
       assert.ok(ids.slice(50).every((id) => !connected(after.get(id)!)));
     } finally {
+      await stager.close();
+    }
+  });
+
+  // sql/021: a connection through A that is staged (or being merged) when the call runs is not a
+  // row connected through A yet; the call stages its disconnect, which the merge applies after it
+  test('a reconnect through A still staged when disconnect_replica(A) runs is disconnected too, at its real connection time', async () => {
+    const ids = await createAgents(db.pool, 300);
+    const stager = new HeartbeatStager({ connectionString: db.url, max: 1 }, { flushIntervalMs: 3_600_000, logger: silentLogger });
+    try {
+      // connected through A, then disconnected (merged): not connected through A in the table
+      for (const agentId of ids) stager.stage({ agentId, lastConnectedAt: at(3101), updatedAt: at(3101), lastConnectedReplicaId: A });
+      await stager.flush();
+      await drain();
+      for (const agentId of ids) await stager.disconnect({ agentId, disconnectedAt: at(3102), updatedAt: at(3102) });
+      // they reconnect through A: a third staged (COPYed), a third pending in the stager, a third stays away
+      const staged = ids.slice(0, 100);
+      const pending = ids.slice(100, 200);
+      const away = ids.slice(200);
+      for (const agentId of staged) stager.stage({ agentId, lastConnectedAt: at(3103), updatedAt: at(3103), lastConnectedReplicaId: A });
+      await stager.flush();
+      for (const agentId of pending) stager.stage({ agentId, lastConnectedAt: at(3104), updatedAt: at(3104), lastConnectedReplicaId: A });
+      // replica A is gone
+      const n = await stager.disconnectReplica(A, { disconnectedAt: at(3110) });
+      assert.equal(n, staged.length + pending.length, 'every agent whose connection through A was staged (or pending) counts');
+      await drain();
+      const after = await rows(ids);
+      const wrong = [...staged, ...pending].filter((id) => {
+        const r = after.get(id)!;
+        return connected(r) || r.replica !== A || r.disconnected?.getTime() !== at(3110).getTime()
+          || r.last?.getTime() !== at(staged.includes(id) ? 3103 : 3104).getTime();
+      });
+      assert.deepEqual(wrong.map((id) => after.get(id)), [], 'connected at their staged time, disconnected at the call\'s');
+      assert.ok(away.every((id) => after.get(id)!.disconnected?.getTime() === at(3102).getTime()), 'the others untouched');
+    } finally {
+      await stager.close();
+    }
+  });
+
+  test('a merge in flight applying reconnects through A during disconnect_replica(A): the call does not wait, and the next merge disconnects them', async () => {
+    const ids = await createAgents(db.pool, 100);
+    const stager = new HeartbeatStager({ connectionString: db.url, max: 1 }, { flushIntervalMs: 3_600_000, logger: silentLogger });
+    const merge = new pg.Client({ connectionString: db.url });
+    await merge.connect();
+    try {
+      for (const agentId of ids) stager.stage({ agentId, lastConnectedAt: at(3201), updatedAt: at(3201), lastConnectedReplicaId: A });
+      await stager.flush();
+      await drain();
+      for (const agentId of ids) await stager.disconnect({ agentId, disconnectedAt: at(3202), updatedAt: at(3202) });
+      for (const agentId of ids) stager.stage({ agentId, lastConnectedAt: at(3203), updatedAt: at(3203), lastConnectedReplicaId: A });
+      await stager.flush();
+      // a merge takes the reconnects and has not committed
+      await merge.query('BEGIN');
+      const { rows: m } = await merge.query<{ n: string }>('SELECT agents_updated AS n FROM heartbeat.merge_agent_connections()');
+      assert.equal(Number(m[0]!.n), ids.length);
+      const n = await stager.disconnectReplica(A, { disconnectedAt: at(3210) });
+      assert.equal(n, ids.length, 'their disconnects staged');
+      await merge.query('COMMIT');
+      // for a moment they are connected through A (the merge committed after the call) ...
+      assert.ok([...(await rows(ids)).values()].every(connected));
+      // ... until the next merge applies the staged disconnects
+      await drain();
+      const after = await rows(ids);
+      assert.ok([...after.values()].every((r) => !connected(r) && r.disconnected?.getTime() === at(3210).getTime()
+        && r.last?.getTime() === at(3203).getTime()), 'disconnected at the call\'s time, connected at their real time');
+    } finally {
+      await merge.query('ROLLBACK').catch(() => {});
+      await merge.end();
       await stager.close();
     }
   });

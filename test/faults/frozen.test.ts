@@ -21,10 +21,10 @@ import { after, before, describe, test } from 'node:test';
 import pg from 'pg';
 import { TimeoutError, type HeartbeatError } from '../../src/errors.ts';
 import { silentLogger } from '../../src/logger.ts';
-import { mergeNow } from '../../src/merge.ts';
 import { startMerger, type Merger } from '../../src/merger.ts';
 import { HeartbeatStager } from '../../src/stager.ts';
 import { createAgents, createTestDb, stagedCount, type TestDb } from '../support/db.ts';
+import { mergeUntilDrained } from '../support/drain.ts';
 import { startFreezeProxy, type FreezeProxy } from '../support/freeze-proxy.ts';
 import { recordingLogger, waitFor } from '../support/wait.ts';
 
@@ -74,10 +74,7 @@ async function atRound(ids: string[], round: number): Promise<number> {
 }
 
 async function drain(): Promise<void> {
-  await waitFor(async () => {
-    const r = await mergeNow(db.pool, { timeoutMs: 20_000 });
-    return !r.skippedConcurrent && r.rowsConsumed === 0;
-  }, 'staging drained', 60_000, 50);
+  await mergeUntilDrained(db.pool);
 }
 
 describe('a stager frozen mid-COPY', () => {

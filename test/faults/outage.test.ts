@@ -8,10 +8,10 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import pg from 'pg';
-import { mergeNow } from '../../src/merge.ts';
 import { HeartbeatStager } from '../../src/stager.ts';
 import { privateCluster } from '../support/private-cluster.ts';
 import { createAgents } from '../support/db.ts';
+import { mergeUntilDrained } from '../support/drain.ts';
 import { recordingLogger, waitFor } from '../support/wait.ts';
 
 const env = privateCluster('fault_outage', { max_connections: 30 });
@@ -86,10 +86,7 @@ test('a 30 s outage: stage() never waits, memory bounded by agents, one log line
     // every agent's newest update lands
     const mergePool = new pg.Pool({ connectionString: env.db.url, max: 1 });
     mergePool.on('error', () => {});
-    await waitFor(async () => {
-      const r = await mergeNow(mergePool);
-      return !r.skippedConcurrent && r.rowsConsumed === 0;
-    }, 'merges', 30_000, 50);
+    await mergeUntilDrained(mergePool, { timeoutMs: 30_000, callTimeoutMs: 30_000 });
     await mergePool.end();
     const { rows } = await env.db.pool.query<{ id: string; updated_at: Date }>(
       'SELECT id, updated_at FROM public.workspace_agents WHERE id = ANY($1::uuid[])', [ids],

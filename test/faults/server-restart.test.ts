@@ -19,6 +19,7 @@ import { HeartbeatStager } from '../../src/stager.ts';
 import { watchStatusChanges, type StatusChange } from '../../src/status-events.ts';
 import { privateCluster } from '../support/private-cluster.ts';
 import { createAgents, stagedCount } from '../support/db.ts';
+import { mergeUntilDrained } from '../support/drain.ts';
 import { recordingLogger, waitFor } from '../support/wait.ts';
 
 const env = privateCluster('fault_restart', { synchronous_commit: 'on' });
@@ -35,10 +36,7 @@ function newStager(logger = silentLogger): HeartbeatStager {
 
 /** Merges until staging is empty, riding out connection failures (the pool replaces broken clients). */
 async function mergeAll(pool: pg.Pool): Promise<void> {
-  await waitFor(async () => {
-    const r = await mergeNow(pool);
-    return !r.skippedConcurrent && r.rowsConsumed === 0;
-  }, 'staging drained by merges', 60_000, 50);
+  await mergeUntilDrained(pool, { callTimeoutMs: 30_000 });
 }
 
 async function updatedAtCounts(ids: string[]): Promise<Map<number, number>> {

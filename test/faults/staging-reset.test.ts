@@ -10,11 +10,11 @@ import assert from 'node:assert/strict';
 import { after, describe, test } from 'node:test';
 import pg from 'pg';
 import { migrate } from '../../src/migrate.ts';
-import { mergeNow } from '../../src/merge.ts';
 import { silentLogger } from '../../src/logger.ts';
 import { HeartbeatStager } from '../../src/stager.ts';
 import { killBackend, waitForRecovery } from '../support/backend.ts';
 import { createAgents, createTestDb, stagedCount, withDatabase, type TestDb } from '../support/db.ts';
+import { mergeUntilDrained } from '../support/drain.ts';
 import { startFreezeProxy } from '../support/freeze-proxy.ts';
 import { privateCluster } from '../support/private-cluster.ts';
 import { standbyUnavailable, startPrimaryWithStandby } from '../support/standby.ts';
@@ -38,10 +38,7 @@ async function roundsOf(pool: pg.Pool, ids: string[]): Promise<Map<number, numbe
 
 /** Merges until staging is empty, riding out connection failures. */
 async function mergeAll(url: string): Promise<void> {
-  await waitFor(async () => {
-    const r = await mergeNow({ connectionString: url }, { timeoutMs: 5000 });
-    return !r.skippedConcurrent && r.rowsConsumed === 0;
-  }, 'staging drained by merges', 60_000, 50);
+  await mergeUntilDrained({ connectionString: url }, { callTimeoutMs: 5000 });
 }
 
 describe('staging reset: nothing staged is lost', () => {
