@@ -147,6 +147,12 @@ const DEAF_TICKS = 3;
 /** Backoff of the LISTEN connection after failures: first delay, longest delay. */
 const LISTEN_RETRY_MS = [1_000, 300_000] as const;
 
+/**
+ * Parts merged at once, at most, on a pool pg-heartbeat creates (startMerger({ connectionString }), the CLI's
+ * `merger`): its size, so each part being merged has a connection.
+ */
+export const OWN_POOL_PARALLELISM = 4;
+
 /** Starts the merge loop; the first merge runs after one (jittered) interval. */
 export function startMerger(connection: ConnectionOptions, options: MergerOptions = {}): Merger {
   const intervalMs = durationOption(options.intervalMs, 'intervalMs', DEFAULT_INTERVAL_MS);
@@ -184,7 +190,7 @@ export function startMerger(connection: ConnectionOptions, options: MergerOption
       logger.warn(`merger: ${err.message}; merging without listening for other mergers' merges`);
     }
   }
-  const { pool, owned } = resolvePool(connection, logger, applicationName, 4);
+  const { pool, owned } = resolvePool(connection, logger, applicationName, OWN_POOL_PARALLELISM);
   return new MergeLoop(pool, owned, logger, { ...config, align: options.align ?? true, listenConfig });
 }
 
@@ -522,11 +528,12 @@ class MergeLoop implements Merger {
       });
     }
     const { parallelism } = this.config;
-    // straight to one call per part next time when this tick fanned out (rows were left after a call over every
-    // part) and left rows or took a large share of the interval; back to one call first when a tick did not fan out
-    // or was quick. (A tick that is merely slow, with no backlog, stays one call, and announces itself: NOTIFY.)
+    // straight to one call per part next time when this tick left rows (its budget ran out: a backlog, also when
+    // the first call over every part took the whole tick, so it never fanned out), or fanned out and took a large
+    // share of the interval; back to one call first when a tick left nothing and did not fan out or was quick.
+    // (A tick that is merely slow, with no backlog, stays one call, and announces itself: NOTIFY.)
     if ((parallelism ?? 2) > 1) {
-      if (this.#tickParallel && (result.more || durationMs > intervalMs * 0.5)) this.#fanOut = true;
+      if (result.more || (this.#tickParallel && durationMs > intervalMs * 0.5)) this.#fanOut = true;
       else if (!this.#tickParallel || durationMs < intervalMs * 0.2) this.#fanOut = false;
     }
     const report: MergeReport = { ...result, startedAt, durationMs, parallel: this.#tickParallel };
@@ -577,7 +584,7 @@ class MergeLoop implements Merger {
   async #mergeParts(total: MergeResult, parts: number[], minIntervalMs: number | null, budgetEnd: number): Promise<MergeResult> {
     this.#tickParallel = true;
     if (total.parts === 0) total.parts = parts.length;
-    const limit = Math.max(1, Math.min(this.config.parallelism ?? (this.owned ? 4 : 1), parts.length));
+    const limit = Math.max(1, Math.min(this.config.parallelism ?? (this.owned ? OWN_POOL_PARALLELISM : 1), parts.length));
     const queue = [...parts];
     const left: number[] = [];
     const workers = Array.from({ length: limit }, async () => {

@@ -155,6 +155,45 @@ describe('merger', () => {
     assert.match(result.stdout, /SIGINT: stopping/);
   });
 
+  test('a backlog is merged part by part in parallel, each part on its own connection', async () => {
+    // its own database: a statement trigger that makes every merge statement take 0.3 s, so merges in
+    // parallel overlap long enough to be seen in pg_stat_activity
+    const own = await createTestDb('cli_merger_parallel');
+    try {
+      await own.pool.query(`INSERT INTO public.workspace_agents (id, updated_at)
+                            SELECT gen_random_uuid(), now() - interval '1 hour' FROM generate_series(1, 2000)`);
+      await own.pool.query(`INSERT INTO heartbeat.agent_connection_staging (agent_id, last_connected_at, updated_at)
+                            SELECT id, now(), now() FROM public.workspace_agents`);
+      await own.pool.query('UPDATE heartbeat.settings SET max_rows_per_merge = 200');
+      await own.pool.query(`CREATE FUNCTION public.slow_statement() RETURNS trigger LANGUAGE plpgsql
+                              AS $$ BEGIN PERFORM pg_sleep(0.3); RETURN NULL; END $$`);
+      await own.pool.query(`CREATE TRIGGER slow AFTER UPDATE ON public.workspace_agents
+                              FOR EACH STATEMENT EXECUTE FUNCTION public.slow_statement()`);
+      const run = start(['merger', '--interval-ms', '1000', '--database-url', own.url]);
+      let most = 0;
+      let left = -1;
+      const deadline = Date.now() + 60_000;
+      while (Date.now() < deadline) {
+        const { rows } = await own.pool.query<{ n: number; staged: number }>(
+          `SELECT (SELECT count(*)::int FROM pg_stat_activity WHERE application_name = 'pg-heartbeat merger'
+                     AND state = 'active' AND query LIKE '%merge_staging_part%') AS n,
+                  (SELECT count(*)::int FROM heartbeat.agent_connection_staging) AS staged`);
+        most = Math.max(most, rows[0]!.n);
+        left = rows[0]!.staged;
+        if (left === 0 && most > 1) break;
+        await new Promise((r) => setTimeout(r, 20));
+      }
+      run.child.kill('SIGTERM');
+      const result = await run.done;
+      assert.equal(result.code, 0, result.stderr);
+      assert.equal(left, 0, `staging drained: ${result.stdout}`);
+      assert.ok(most >= 2, `merges of several parts at once (most seen: ${most}): ${result.stdout}`);
+      assert.match(result.stdout, /; parts merged in parallel$/m);
+    } finally {
+      await own.drop();
+    }
+  });
+
   test('rejects a bad --interval-ms with one line', async () => {
     assertOneLineFailure(await cli(['merger', '--interval-ms', 'soon', '--database-url', migrated.url]), /--interval-ms must be a positive whole number/, 'bad interval');
   });

@@ -1,7 +1,7 @@
 import pg from 'pg';
 import { consoleLogger } from '../logger.ts';
 import { mergeNow } from '../merge.ts';
-import { startMerger, type MergeReport } from '../merger.ts';
+import { OWN_POOL_PARALLELISM, startMerger, type MergeReport } from '../merger.ts';
 import { requirePromClient, startMetrics, type RunningMetrics } from './metrics-option.ts';
 import { type Command, UsageError } from './command.ts';
 
@@ -21,7 +21,7 @@ export function portOption(value: string | boolean | undefined): number | undefi
   return n;
 }
 
-export function mergeLine(r: Omit<MergeReport, 'parallel'>): string {
+export function mergeLine(r: Omit<MergeReport, 'parallel'> & { parallel?: boolean }): string {
   const at = r.startedAt.toISOString();
   if (r.partsMerged === 0) {
     return r.partsSkippedConcurrent > 0 ? `${at} skipped: another merge is running` : `${at} skipped: another merger merged just now`;
@@ -33,6 +33,7 @@ export function mergeLine(r: Omit<MergeReport, 'parallel'>): string {
     (r.deadLettered ? `, ${r.deadLettered} dead-lettered` : '') +
     (r.statusEvents ? `; ${r.statusEvents} status change(s)` : '') +
     (skipped ? `; ${skipped} of ${r.parts} part(s) merged elsewhere` : '') +
+    (r.parallel ? '; parts merged in parallel' : '') +
     (r.more ? '; rows left, merging again' : '')
   );
 }
@@ -70,9 +71,12 @@ export const mergerCommand: Command = {
     const metricsHost = ctx.values['metrics-host'];
     if (metricsHost !== undefined && metricsPort === undefined) throw new UsageError('--metrics-host needs --metrics-port');
     if (metricsPort !== undefined) await requirePromClient(); // before the first merge: a missing prom-client is one line at once
-    // with metrics, a second connection: a scrape's status read never waits behind a merge
+    // a connection per part merged at once (a backlog drains in parallel, as startMerger's own pool does), and
+    // with metrics one more: a scrape's status read never waits behind a merge
+    const parallelism = OWN_POOL_PARALLELISM;
     const pool = new pg.Pool({
-      ...ctx.database().config, max: metricsPort === undefined ? 1 : 2, application_name: 'pg-heartbeat merger', connectionTimeoutMillis: 10_000,
+      ...ctx.database().config, max: parallelism + (metricsPort === undefined ? 0 : 1), application_name: 'pg-heartbeat merger',
+      connectionTimeoutMillis: 10_000,
     });
     pool.on('error', () => {});
     let metrics: RunningMetrics | undefined;
@@ -85,13 +89,14 @@ export const mergerCommand: Command = {
     process.once('SIGINT', onSignal);
     process.once('SIGTERM', onSignal);
     try {
-      // the first merge runs now, so a bad database fails here with one line
+      // the first merge runs now, so a bad database fails here with one line; one statement: a backlog is
+      // left to the merger's ticks, which merge its parts in parallel
       const t0 = performance.now();
       const startedAt = new Date();
-      const first = await mergeNow(pool);
+      const first = await mergeNow(pool, { drain: false });
       ctx.out(mergeLine({ ...first, startedAt, durationMs: Math.round(performance.now() - t0) }));
       // startMerger warns on stderr when the timing invariant is broken, and logs failed merges there
-      const merger = startMerger({ pool }, { intervalMs, ...timing, listen: ctx.values['no-listen'] !== true, logger: consoleLogger, onMerge: (r) => ctx.out(mergeLine(r)) });
+      const merger = startMerger({ pool }, { intervalMs, parallelism, ...timing, listen: ctx.values['no-listen'] !== true, logger: consoleLogger, onMerge: (r) => ctx.out(mergeLine(r)) });
       if (metricsPort !== undefined) {
         try {
           metrics = await startMetrics({ merger, pool, port: metricsPort, host: typeof metricsHost === 'string' ? metricsHost : undefined });
