@@ -229,6 +229,10 @@ class MergeLoop implements Merger {
   #parts: number | undefined;
   /** Whether this tick merged parts in parallel (MergeReport.parallel). */
   #tickParallel = false;
+  /** Parts merged at once at most, lowered when a statement of the least row budget hits statement_timeout (#statement). */
+  #parallelCap = 64;
+  /** Merge statements this merger has in flight (#statement). */
+  #inFlight = 0;
   /** The lock episode last warned about (holder pid and since when), so each is warned once. */
   #warnedLock: string | undefined;
   /** Staged rows per statement: the maxRows option, halved each time the server's statement_timeout cuts one off. */
@@ -584,7 +588,7 @@ class MergeLoop implements Merger {
   async #mergeParts(total: MergeResult, parts: number[], minIntervalMs: number | null, budgetEnd: number): Promise<MergeResult> {
     this.#tickParallel = true;
     if (total.parts === 0) total.parts = parts.length;
-    const limit = Math.max(1, Math.min(this.config.parallelism ?? (this.owned ? OWN_POOL_PARALLELISM : 1), parts.length));
+    const limit = Math.max(1, Math.min(this.#partsAtOnce(), parts.length));
     const queue = [...parts];
     const left: number[] = [];
     const workers = Array.from({ length: limit }, async () => {
@@ -615,13 +619,23 @@ class MergeLoop implements Merger {
     return total;
   }
 
+  /** Parts merged at once at most: the parallelism option (default 4 on an own pool, 1 on yours), capped (#statement). */
+  #partsAtOnce(): number {
+    return Math.min(this.config.parallelism ?? (this.owned ? OWN_POOL_PARALLELISM : 1), this.#parallelCap);
+  }
+
   async #statement(args: { part: number | null; minIntervalMs: number | null }): Promise<MergeResult> {
     for (let attempt = 1; ; attempt++) {
+      // no more statements at once than the cap (lowered below; 64 until then, so normally no wait)
+      while (this.#inFlight >= this.#parallelCap && !this.#stopping) await new Promise((r) => setTimeout(r, 20));
+      const sent = this.#maxRows;
+      const atOnceSent = this.#partsAtOnce();
+      this.#inFlight++;
       try {
         return await withClient(
           this.pool,
           (client) => mergeStatement(client, this.pool, {
-            maxRows: this.#maxRows, merger: this.#id, ownTransaction: true, sweepMinGapMs: this.#sweepMinGapMs, ...args,
+            maxRows: sent, merger: this.#id, ownTransaction: true, sweepMinGapMs: this.#sweepMinGapMs, ...args,
           }),
           { deadlineMs: this.config.queryTimeoutMs, what: 'merge', signal: this.#abort.signal },
         );
@@ -629,13 +643,33 @@ class MergeLoop implements Merger {
         // the server's statement_timeout cut a merge statement short (a large backlog on a busy
         // server): it rolled back, nothing lost; merge fewer rows per statement from now on
         if ((err as { code?: unknown }).code !== '57014' || attempt > 8 || this.#stopping) throw err;
-        const before = this.#maxRows ?? (await this.#defaultMaxRows());
-        this.#maxRows = Math.max(MIN_ROWS_PER_STATEMENT, Math.floor(before / 2));
-        if (this.#maxRows === before) throw err;
-        this.logger.warn(
-          `a merge statement hit the server's statement_timeout; this merger now merges at most ${this.#maxRows} staged rows per statement`,
-          { maxRows: this.#maxRows },
-        );
+        const used = sent ?? (await this.#defaultMaxRows());
+        // another statement of this tick (parts in parallel) lowered the budget meanwhile: retry with that
+        if (this.#maxRows !== null && this.#maxRows < used) continue;
+        const lower = Math.max(MIN_ROWS_PER_STATEMENT, Math.floor(used / 2));
+        if (lower < used) {
+          this.#maxRows = lower;
+          this.logger.warn(
+            `a merge statement hit the server's statement_timeout; this merger now merges at most ${lower} staged rows per statement`,
+            { maxRows: lower },
+          );
+          continue;
+        }
+        // the least budget timed out too: parts merged at once share the server's CPU; fewer at once from now on
+        // (unless another statement lowered that meanwhile: retry)
+        const atOnce = this.#partsAtOnce();
+        if (atOnce < atOnceSent) continue;
+        if (atOnce > 1) {
+          this.#parallelCap = Math.floor(atOnce / 2);
+          this.logger.warn(
+            `a merge statement of ${used} rows hit the server's statement_timeout; this merger now merges at most ${this.#parallelCap} part(s) at once`,
+            { parallelism: this.#parallelCap },
+          );
+          continue;
+        }
+        throw err;
+      } finally {
+        this.#inFlight--;
       }
     }
   }
