@@ -630,7 +630,8 @@ class MergeLoop implements Merger {
       while (this.#inFlight >= this.#parallelCap && !this.#stopping) await new Promise((r) => setTimeout(r, 20));
       const sent = this.#maxRows;
       const atOnceSent = this.#partsAtOnce();
-      this.#inFlight++;
+      // statements of this merger in flight with this one (itself included)
+      const together = ++this.#inFlight;
       try {
         return await withClient(
           this.pool,
@@ -655,12 +656,12 @@ class MergeLoop implements Merger {
           );
           continue;
         }
-        // the least budget timed out too: parts merged at once share the server's CPU; fewer at once from now on
-        // (unless another statement lowered that meanwhile: retry)
+        // the least budget timed out too: when it ran beside other parts' merges, which share the server's CPU,
+        // fewer at once from now on (unless another statement lowered that meanwhile: retry); alone, give up
         const atOnce = this.#partsAtOnce();
         if (atOnce < atOnceSent) continue;
-        if (atOnce > 1) {
-          this.#parallelCap = Math.floor(atOnce / 2);
+        if (together > 1 && atOnce > 1) {
+          this.#parallelCap = Math.max(1, Math.floor(Math.min(atOnce, together) / 2));
           this.logger.warn(
             `a merge statement of ${used} rows hit the server's statement_timeout; this merger now merges at most ${this.#parallelCap} part(s) at once`,
             { parallelism: this.#parallelCap },
