@@ -8,7 +8,7 @@ import { readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { after, before, describe, test } from 'node:test';
 import { freePort } from './support/cluster.ts';
-import { createTestDb, type TestDb } from './support/db.ts';
+import { createTestDb, stageBacklog, type TestDb } from './support/db.ts';
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
 
@@ -160,10 +160,7 @@ describe('merger', () => {
     // parallel overlap long enough to be seen in pg_stat_activity
     const own = await createTestDb('cli_merger_parallel');
     try {
-      await own.pool.query(`INSERT INTO public.workspace_agents (id, updated_at)
-                            SELECT gen_random_uuid(), now() - interval '1 hour' FROM generate_series(1, 2000)`);
-      await own.pool.query(`INSERT INTO heartbeat.agent_connection_staging (agent_id, last_connected_at, updated_at)
-                            SELECT id, now(), now() FROM public.workspace_agents`);
+      await stageBacklog(own.pool, 2000);
       await own.pool.query('UPDATE heartbeat.settings SET max_rows_per_merge = 200');
       await own.pool.query(`CREATE FUNCTION public.slow_statement() RETURNS trigger LANGUAGE plpgsql
                               AS $$ BEGIN PERFORM pg_sleep(0.3); RETURN NULL; END $$`);

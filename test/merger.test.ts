@@ -8,7 +8,7 @@ import { migrate } from '../src/migrate.ts';
 import { silentLogger } from '../src/logger.ts';
 import { startMerger, type MergeReport } from '../src/merger.ts';
 import { mergeNow } from '../src/merge.ts';
-import { agentRow, createAgents, createTestDb, stagedCount, type TestDb } from './support/db.ts';
+import { agentRow, createAgents, createTestDb, stageBacklog, stagedCount, type TestDb } from './support/db.ts';
 import { startFreezeProxy } from './support/freeze-proxy.ts';
 
 let db: TestDb;
@@ -460,9 +460,7 @@ describe('a backlog: fan-out over the parts', () => {
       };
     });
     try {
-      await fan.pool.query(
-        `INSERT INTO public.workspace_agents (id, updated_at) SELECT gen_random_uuid(), now() - interval '1 hour' FROM generate_series(1, 20000);
-         INSERT INTO heartbeat.agent_connection_staging (agent_id, last_connected_at, updated_at) SELECT id, now(), now() FROM public.workspace_agents`);
+      await stageBacklog(fan.pool, 20_000);
       // at most 100 staged rows per statement (25 per part in a call over every part): 200 statements and more,
       // in ticks of at most 200 ms each
       const ticks: { report: MergeReport; statements: string[] }[] = [];
@@ -507,10 +505,7 @@ describe('statement_timeout shorter than a merge statement', () => {
   test('the merger halves its rows per statement (warning once per halving) and drains without a failed tick', async () => {
     const tight = await createTestDb('merger_tight');
     try {
-      await tight.pool.query(
-        `INSERT INTO public.workspace_agents (id, updated_at) SELECT gen_random_uuid(), now() - interval '1 hour' FROM generate_series(1, 200000);
-         INSERT INTO heartbeat.agent_connection_staging (agent_id, last_connected_at, updated_at) SELECT id, now(), now() FROM public.workspace_agents`,
-      );
+      await stageBacklog(tight.pool, 200_000);
       // one statement of 200,000 rows takes longer than this here (1.5 s and more); 1,000 rows, the least a
       // statement is halved to, a few tens of ms even with parts in parallel: room for a loaded CI machine (at
       // 300 ms and 50,000 rows, statements of the least budget timed out there)
@@ -539,10 +534,7 @@ describe('statement_timeout shorter than a merge statement', () => {
   test('when statements of the least budget still time out with parts in parallel, fewer parts at once', async () => {
     const slow = await createTestDb('merger_parallel_cap');
     try {
-      await slow.pool.query(
-        `INSERT INTO public.workspace_agents (id, updated_at) SELECT gen_random_uuid(), now() - interval '1 hour' FROM generate_series(1, 8000);
-         INSERT INTO heartbeat.agent_connection_staging (agent_id, last_connected_at, updated_at) SELECT id, now(), now() FROM public.workspace_agents`,
-      );
+      await stageBacklog(slow.pool, 8_000);
       // a server that cannot afford merges side by side: a merge statement of one part sleeps past
       // statement_timeout whenever another one runs at the same time (alone it takes 0.15 s more, whatever its
       // rows, so statements sent together overlap; a call over every part is not slowed)

@@ -67,6 +67,22 @@ export async function createAgents(pool: pg.Pool, n: number, updatedAt = new Dat
   return ids;
 }
 
+/**
+ * A backlog: `n` new agents (updated an hour ago), each with one connection staged now, in SQL (no COPY:
+ * hundreds of thousands in a second or two).
+ */
+export async function stageBacklog(pool: pg.Pool, n: number): Promise<void> {
+  await pool.query(
+    `WITH agents AS (
+       INSERT INTO public.workspace_agents (id, updated_at)
+       SELECT gen_random_uuid(), now() - interval '1 hour' FROM generate_series(1, $1::int4)
+       RETURNING id)
+     INSERT INTO heartbeat.agent_connection_staging (agent_id, last_connected_at, updated_at)
+     SELECT id, now(), now() FROM agents`,
+    [n],
+  );
+}
+
 export interface AgentRow {
   id: string;
   first_connected_at: Date | null;
