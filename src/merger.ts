@@ -229,10 +229,12 @@ class MergeLoop implements Merger {
   #parts: number | undefined;
   /** Whether this tick merged parts in parallel (MergeReport.parallel). */
   #tickParallel = false;
-  /** Parts merged at once at most, lowered when a statement of the least row budget hits statement_timeout (#statement). */
-  #parallelCap = 64;
+  /** Merge statements at once at most: no cap until a statement of the least row budget hits statement_timeout (#statement). */
+  #parallelCap = Number.POSITIVE_INFINITY;
   /** Merge statements this merger has in flight (#statement). */
   #inFlight = 0;
+  /** Statements waiting for one in flight to end (only while #inFlight is at the cap); each end wakes one. */
+  readonly #slotWaiters: (() => void)[] = [];
   /** The lock episode last warned about (holder pid and since when), so each is warned once. */
   #warnedLock: string | undefined;
   /** Staged rows per statement: the maxRows option, halved each time the server's statement_timeout cuts one off. */
@@ -626,8 +628,9 @@ class MergeLoop implements Merger {
 
   async #statement(args: { part: number | null; minIntervalMs: number | null }): Promise<MergeResult> {
     for (let attempt = 1; ; attempt++) {
-      // no more statements at once than the cap (lowered below; 64 until then, so normally no wait)
-      while (this.#inFlight >= this.#parallelCap && !this.#stopping) await new Promise((r) => setTimeout(r, 20));
+      // no more statements at once than the cap (none until lowered below, so normally no wait); a statement in
+      // flight ends within its deadline, or at once when close() cuts it off, and wakes one waiter
+      while (this.#inFlight >= this.#parallelCap) await new Promise<void>((r) => this.#slotWaiters.push(r));
       const sent = this.#maxRows;
       const atOnceSent = this.#partsAtOnce();
       // statements of this merger in flight with this one (itself included)
@@ -671,6 +674,7 @@ class MergeLoop implements Merger {
         throw err;
       } finally {
         this.#inFlight--;
+        this.#slotWaiters.shift()?.();
       }
     }
   }
