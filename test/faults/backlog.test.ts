@@ -52,7 +52,7 @@ let round = 0;
  * Stages one row per agent straight into staging (the shape a stager's COPY leaves), with a new updated_at.
  * What an earlier test left (it failed half-way) goes first, so one failure does not fail the rest.
  */
-async function stageBacklog(): Promise<Date> {
+async function restageEveryAgent(): Promise<Date> {
   round++;
   const t = new Date(Date.UTC(2026, 0, 1) + round * 1000);
   await setup.query('DELETE FROM heartbeat.agent_connection_staging');
@@ -84,7 +84,7 @@ async function assertTimeoutIsOn(): Promise<void> {
 describe(`a backlog of ${N} staged rows under statement_timeout = ${TIMEOUT_S}s`, () => {
   test('mergeNow() drains it in bounded statements: no statement times out, staging reaches 0', async (t) => {
     await assertTimeoutIsOn();
-    const target = await stageBacklog();
+    const target = await restageEveryAgent();
     const pool = new pg.Pool({ connectionString: db.url, max: 1 });
     pool.on('error', () => {});
     const started = performance.now();
@@ -112,7 +112,7 @@ describe(`a backlog of ${N} staged rows under statement_timeout = ${TIMEOUT_S}s`
   });
 
   test('mergeNow() with its default drain (one call loops) also never times out', async () => {
-    const target = await stageBacklog();
+    const target = await restageEveryAgent();
     const started = performance.now();
     let calls = 0;
     for (;;) {
@@ -127,7 +127,7 @@ describe(`a backlog of ${N} staged rows under statement_timeout = ${TIMEOUT_S}s`
   });
 
   test('startMerger() drains it: no failed tick, staging reaches 0', async () => {
-    const target = await stageBacklog();
+    const target = await restageEveryAgent();
     const log = recordingLogger();
     const errors: HeartbeatError[] = [];
     const reports: MergeReport[] = [];

@@ -256,15 +256,20 @@ describe('merge vs disconnect_replica', () => {
 
   // sql/021: a connection through A that is staged (or being merged) when the call runs is not a
   // row connected through A yet; the call stages its disconnect, which the merge applies after it
+
+  /** `ids` connected through A at `s` (merged), then each disconnected at `s + 1`: none is connected through A. */
+  async function connectedThenDisconnected(stager: HeartbeatStager, ids: string[], s: number): Promise<void> {
+    for (const agentId of ids) stager.stage({ agentId, lastConnectedAt: at(s), updatedAt: at(s), lastConnectedReplicaId: A });
+    await stager.flush();
+    await drain();
+    for (const agentId of ids) await stager.disconnect({ agentId, disconnectedAt: at(s + 1), updatedAt: at(s + 1) });
+  }
+
   test('a reconnect through A still staged when disconnect_replica(A) runs is disconnected too, at its real connection time', async () => {
     const ids = await createAgents(db.pool, 300);
     const stager = new HeartbeatStager({ connectionString: db.url, max: 1 }, { flushIntervalMs: 3_600_000, logger: silentLogger });
     try {
-      // connected through A, then disconnected (merged): not connected through A in the table
-      for (const agentId of ids) stager.stage({ agentId, lastConnectedAt: at(3101), updatedAt: at(3101), lastConnectedReplicaId: A });
-      await stager.flush();
-      await drain();
-      for (const agentId of ids) await stager.disconnect({ agentId, disconnectedAt: at(3102), updatedAt: at(3102) });
+      await connectedThenDisconnected(stager, ids, 3101);
       // they reconnect through A: a third staged (COPYed), a third pending in the stager, a third stays away
       const staged = ids.slice(0, 100);
       const pending = ids.slice(100, 200);
@@ -295,10 +300,7 @@ describe('merge vs disconnect_replica', () => {
     const merge = new pg.Client({ connectionString: db.url });
     await merge.connect();
     try {
-      for (const agentId of ids) stager.stage({ agentId, lastConnectedAt: at(3201), updatedAt: at(3201), lastConnectedReplicaId: A });
-      await stager.flush();
-      await drain();
-      for (const agentId of ids) await stager.disconnect({ agentId, disconnectedAt: at(3202), updatedAt: at(3202) });
+      await connectedThenDisconnected(stager, ids, 3201);
       for (const agentId of ids) stager.stage({ agentId, lastConnectedAt: at(3203), updatedAt: at(3203), lastConnectedReplicaId: A });
       await stager.flush();
       // a merge takes the reconnects and has not committed
