@@ -31,7 +31,7 @@ SELECT extversion FROM pg_extension WHERE extname = 'pg_heartbeat';
 SELECT count(*) AS staged_kept FROM heartbeat.agent_connection_staging;
 SELECT rows_consumed, agents_updated FROM heartbeat.merge_agent_connections();
 SELECT heartbeat.check_privilege_model();
--- 1.2 to 1.3 (status events), 1.4, 1.5, 1.6 and 1.7, with rows staged: kept, and merged with events
+-- 1.2 to 1.3 (status events), 1.4, 1.5, 1.6, 1.7 and 1.8, with rows staged: kept, and merged with events
 INSERT INTO heartbeat.agent_connection_staging (agent_id, first_connected_at, last_connected_at, updated_at)
 SELECT ('00000000-0000-4000-a000-' || lpad(to_hex(g), 12, '0'))::uuid, '2026-04-01 12:00:00+00', '2026-04-01 12:00:00+00', '2026-04-01 12:00:00+00'
   FROM generate_series(1, 10) AS g;
@@ -40,6 +40,7 @@ ALTER EXTENSION pg_heartbeat UPDATE TO '1.4';
 ALTER EXTENSION pg_heartbeat UPDATE TO '1.5';
 ALTER EXTENSION pg_heartbeat UPDATE TO '1.6';
 ALTER EXTENSION pg_heartbeat UPDATE TO '1.7';
+ALTER EXTENSION pg_heartbeat UPDATE TO '1.8';
 SELECT extversion FROM pg_extension WHERE extname = 'pg_heartbeat';
 SELECT public.regress_members_differ() AS members_differ_from_fresh;
 SELECT count(*) AS staged_kept FROM heartbeat.agent_connection_staging;
