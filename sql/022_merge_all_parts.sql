@@ -133,9 +133,11 @@ BEGIN
             OFFSET 0
         ), rest AS MATERIALIZED (
             -- what the steady path left (only looked at when some agent was left)
+            -- (NOT IN: a hashed subplan, one pass over each; a NOT EXISTS anti-join would be a
+            -- nested loop here, with hash joins off: every left agent against every updated one)
             SELECT n.* FROM newest n
              WHERE (SELECT c.n_newest > c.n_updated FROM counts c)
-               AND NOT EXISTS (SELECT 1 FROM updated u WHERE u.id = n.agent_id)
+               AND n.agent_id NOT IN (SELECT u.id FROM updated u)
         ), known AS MATERIALIZED (
             -- the rows to change, locked NOWAIT, with their status before (sql/016)
             SELECT r.*, (o.updated_at < r.updated_at) AS newer,
