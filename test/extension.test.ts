@@ -2,12 +2,12 @@
  * The pg_heartbeat extension: built by its PGXS Makefile from the same sql/
  * files as the migrations (plain cat, no Node), installed with `make install`
  * into the test server's share directory, its own `make installcheck` (pg_regress
- * and isolation specs) run against the test server, and exercised for real:
+ * and isolation specs) run on a throwaway cluster of the same binaries, and exercised for real:
  * COPY staging, merge, disconnect, privileges, an install by a non-superuser,
  * the upgrade from 1.0 under a running stager, pg_dump, DROP, `make dist`.
  */
 import assert from 'node:assert/strict';
-import { execFileSync, spawnSync } from 'node:child_process';
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -20,7 +20,8 @@ import { mergeNow } from '../src/merge.ts';
 import { migrate } from '../src/migrate.ts';
 import { HeartbeatStager } from '../src/stager.ts';
 import { sqlFile } from '../sql/load.js';
-import { adminQuery, adminUrl, agentRow, createAgents, createTestDb, stagedCount, type TestDb } from './support/db.ts';
+import { startCluster } from './support/cluster.ts';
+import { adminQuery, agentRow, createAgents, createTestDb, stagedCount, type TestDb } from './support/db.ts';
 
 const EXTENSION = 'pg_heartbeat';
 const EXTENSION_DIR = join(dirname(fileURLToPath(import.meta.url)), '..', 'extension');
@@ -165,7 +166,10 @@ describe('the extension build', () => {
     }
   });
 
-  test('make installcheck: the pg_regress tests and isolation specs pass against the test server', (t) => {
+  // On a cluster of its own (same binaries, so the same share directory): the tests change roles
+  // cluster-wide (privileges.sql makes heartbeat_definer CREATEROLE for a moment, and every
+  // pg-heartbeat function then refuses to run), which would fail the other test files' merges.
+  test('make installcheck: the pg_regress tests and isolation specs pass on a cluster of their own', async (t) => {
     if (skipUnlessInstalled(t)) return;
     const configMajor = Number(/(\d+)/.exec(execFileSync('pg_config', ['--version'], { encoding: 'utf8' }))![1]);
     if (configMajor !== serverMajor) {
@@ -174,11 +178,23 @@ describe('the extension build', () => {
       t.skip(why);
       return;
     }
-    const url = new URL(adminUrl());
-    const run = spawnSync('make', ['-C', EXTENSION_DIR, 'installcheck'], {
-      encoding: 'utf8',
-      env: { ...process.env, PGHOST: url.hostname, PGPORT: url.port, PGUSER: decodeURIComponent(url.username), PGDATABASE: 'postgres' },
-    });
+    const cluster = await startCluster();
+    let run: ReturnType<typeof spawnSync>;
+    try {
+      const url = new URL(cluster.url());
+      run = await new Promise<ReturnType<typeof spawnSync>>((resolve) => {
+        const child = spawn('make', ['-C', EXTENSION_DIR, 'installcheck'], {
+          env: { ...process.env, PGHOST: url.hostname, PGPORT: url.port, PGUSER: decodeURIComponent(url.username), PGDATABASE: 'postgres' },
+        });
+        let stdout = '';
+        let stderr = '';
+        child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+        child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+        child.on('close', (status) => resolve({ status, stdout, stderr } as ReturnType<typeof spawnSync>));
+      });
+    } finally {
+      await cluster.destroy();
+    }
     const out = `${run.stdout}\n${run.stderr}`;
     const diffs = join(EXTENSION_DIR, 'regression.diffs');
     assert.equal(run.status, 0, `${out}\n${existsSync(diffs) ? readFileSync(diffs, 'utf8') : ''}`);
