@@ -259,23 +259,23 @@ DECLARE
     pre     record;
     total   heartbeat.merge_result;
     r       heartbeat.merge_result;
-    p       record;
     n_parts integer;
     nos     integer[];
     rels    oid[];
+    names   name[];
     started timestamptz := pg_catalog.clock_timestamp();
     ep      record;
     one     record;
 BEGIN
     pre := heartbeat.merge_prelude(max_rows);
-    SELECT pg_catalog.array_agg(s.part ORDER BY s.part), pg_catalog.array_agg(s.relid::oid ORDER BY s.part)
-      INTO nos, rels FROM heartbeat.staging_parts() s;
-    n_parts := COALESCE(pg_catalog.cardinality(nos), 0);
-    IF n_parts > 0 THEN
-        one := heartbeat.merge_all_parts(nos, rels, pre.budget, min_interval, pre.horizon, merger,
-                                         pre.ev_at, pre.ev_timeout, pre.ev_horizon);
-    END IF;
-    IF n_parts > 0 AND one.fallback IS NULL THEN
+    -- the parts, read once (staging always has at least one; the prelude's lock keeps them until commit)
+    SELECT pg_catalog.array_agg(s.part ORDER BY s.part), pg_catalog.array_agg(s.relid::oid ORDER BY s.part),
+           pg_catalog.array_agg(s.relname ORDER BY s.part)
+      INTO nos, rels, names FROM heartbeat.staging_parts() s;
+    n_parts := pg_catalog.cardinality(nos);
+    one := heartbeat.merge_all_parts(nos, rels, pre.budget, min_interval, pre.horizon, merger,
+                                     pre.ev_at, pre.ev_timeout, pre.ev_horizon);
+    IF one.fallback IS NULL THEN
         total := one.res;
     ELSE
         IF one.fallback = 'locked' THEN
@@ -284,8 +284,8 @@ BEGIN
             PERFORM pg_catalog.set_config('lock_timeout', '100ms', true);
         END IF;
         total := ROW(0, 0, 0, 0, 0, 0, false, 0, n_parts, 0, 0, 0, '{}', false, NULL, NULL, NULL, 0, false)::heartbeat.merge_result;
-        FOR p IN SELECT * FROM heartbeat.staging_parts() LOOP
-            r := heartbeat.merge_part(p.part, p.relname,
+        FOR i IN 1 .. n_parts LOOP
+            r := heartbeat.merge_part(nos[i], names[i],
                                       GREATEST(1, pg_catalog.ceil(pre.budget::numeric / n_parts)::integer),
                                       min_interval, pre.horizon, merger, pre.ev_at, pre.ev_timeout, pre.ev_horizon);
             total.rows_consumed   := total.rows_consumed   + r.rows_consumed;
@@ -307,8 +307,7 @@ BEGIN
             END IF;
         END LOOP;
         total.more := pg_catalog.cardinality(total.parts_more) > 0;
-        total.skipped_concurrent := n_parts > 0
-                                    AND total.parts_skipped_concurrent = n_parts;
+        total.skipped_concurrent := total.parts_skipped_concurrent = n_parts;
     END IF;
     ep := heartbeat.merge_epilogue(total.more);
     total.status_events := total.status_events + ep.swept_events;
