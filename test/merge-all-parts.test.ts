@@ -8,6 +8,7 @@ import assert from 'node:assert/strict';
 import { after, before, beforeEach, test } from 'node:test';
 import pg from 'pg';
 import { mergeNow } from '../src/merge.ts';
+import { readStatus, type PartStatus } from '../src/status.ts';
 import { createAgents, createTestDb, stagedCount, type TestDb } from './support/db.ts';
 
 let db: TestDb;
@@ -21,34 +22,17 @@ beforeEach(async () => {
   await db.pool.query('TRUNCATE heartbeat.agent_connection_staging, heartbeat.dead_letters');
 });
 
-interface PartState {
-  part: number;
-  last_merge_at: Date;
-  rows_consumed: string;
-  agents_updated: string;
-  skipped_stale: string;
-  skipped_unknown: string;
-  skipped_invalid: string;
-}
-const mergeState = async (): Promise<PartState[]> =>
-  (await db.pool.query<PartState>('SELECT * FROM heartbeat.merge_state ORDER BY part')).rows;
+/** heartbeat.part_status() through the public reader: staged rows and the last merge's counts, per part. */
+const parts = async (): Promise<PartStatus[]> => (await readStatus({ pool: db.pool }, { lookUpCron: false })).parts;
 
 /** Staged rows per part, by part number. */
-async function stagedByPart(): Promise<Map<number, number>> {
-  const { rows } = await db.pool.query<{ part: number; n: string }>(
-    `SELECT p.part, count(s.*) AS n
-       FROM heartbeat.staging_parts() p
-       LEFT JOIN heartbeat.agent_connection_staging s ON s.tableoid = p.relid
-      GROUP BY p.part`,
-  );
-  return new Map(rows.map((r) => [r.part, Number(r.n)]));
-}
+const stagedByPart = async (): Promise<Map<number, number>> => new Map((await parts()).map((p) => [p.part, p.stagedRows]));
 
-/** The part an agent's rows go to. */
-async function partOf(agentId: string): Promise<number> {
+/** The part a staged agent's rows are in (before the merge consumes them). */
+async function stagedPartOf(agentId: string): Promise<number> {
   const { rows } = await db.pool.query<{ part: number }>(
-    `SELECT p.part FROM heartbeat.staging_parts() p
-      WHERE satisfies_hash_partition('heartbeat.agent_connection_staging'::regclass, (SELECT count(*) FROM heartbeat.staging_parts())::int, p.part, $1::uuid)`,
+    `SELECT p.part FROM heartbeat.agent_connection_staging s JOIN heartbeat.staging_parts() p ON p.relid = s.tableoid
+      WHERE s.agent_id = $1 LIMIT 1`,
     [agentId],
   );
   return rows[0]!.part;
@@ -77,14 +61,14 @@ test('a small backlog over every part is merged by one statement, with each part
   assert.equal(result.more, false);
   assert.equal(await stagedCount(db.pool), 0);
 
-  const state = await mergeState();
+  const state = await parts();
   assert.equal(state.length, 4);
   // one statement: every part was merged by the same call at the same instant (the part-by-part
   // merge stamps each part when it starts it)
-  assert.equal(new Set(state.map((s) => s.last_merge_at.getTime())).size, 1, 'one merge instant for every part');
-  for (const s of state) {
-    assert.equal(Number(s.rows_consumed), staged.get(s.part), `part ${s.part}: its own rows`);
-    assert.equal(Number(s.agents_updated), staged.get(s.part), `part ${s.part}: its own agents`);
+  assert.equal(new Set(state.map((p) => p.lastMerge!.at.getTime())).size, 1, 'one merge instant for every part');
+  for (const p of state) {
+    assert.equal(p.lastMerge!.rowsConsumed, staged.get(p.part), `part ${p.part}: its own rows`);
+    assert.equal(p.lastMerge!.agentsUpdated, staged.get(p.part), `part ${p.part}: its own agents`);
   }
 });
 
@@ -98,6 +82,7 @@ test('each part gets its own stale, unknown and invalid counts, and status chang
     `INSERT INTO heartbeat.agent_connection_staging (agent_id, last_connected_at, updated_at) VALUES ($1, 'infinity', $2)`,
     [invalid[0], at],
   );
+  const [staleAt, unknownAt, invalidAt] = [await stagedPartOf(stale[0]!), await stagedPartOf(unknown), await stagedPartOf(invalid[0]!)];
   const result = await mergeNow(db.pool);
   assert.equal(result.rowsConsumed, 53);
   assert.equal(result.agentsUpdated, 50);
@@ -106,16 +91,17 @@ test('each part gets its own stale, unknown and invalid counts, and status chang
   assert.equal(result.skippedInvalid, 1);
   assert.ok(result.statusEvents >= 50, `every known agent connected (${result.statusEvents} events)`);
 
-  const state = await mergeState();
-  const sum = (k: keyof PartState): number => state.reduce((a, s) => a + Number(s[k]), 0);
+  const last = (await parts()).map((p) => ({ part: p.part, ...p.lastMerge! }));
+  const sum = (k: 'rowsConsumed' | 'agentsUpdated' | 'skippedStale' | 'skippedUnknown' | 'skippedInvalid'): number =>
+    last.reduce((a, p) => a + p[k], 0);
   assert.deepEqual(
-    [sum('rows_consumed'), sum('agents_updated'), sum('skipped_stale'), sum('skipped_unknown'), sum('skipped_invalid')],
+    [sum('rowsConsumed'), sum('agentsUpdated'), sum('skippedStale'), sum('skippedUnknown'), sum('skippedInvalid')],
     [53, 50, 1, 1, 1],
   );
-  const byPart = new Map(state.map((s) => [s.part, s]));
-  assert.ok(Number(byPart.get(await partOf(stale[0]!))!.skipped_stale) >= 1, 'the stale row counted in its part');
-  assert.ok(Number(byPart.get(await partOf(unknown))!.skipped_unknown) >= 1, 'the unknown agent counted in its part');
-  assert.ok(Number(byPart.get(await partOf(invalid[0]!))!.skipped_invalid) >= 1, 'the invalid row counted in its part');
+  const byPart = new Map(last.map((p) => [p.part, p]));
+  assert.equal(byPart.get(staleAt)!.skippedStale, 1, 'the stale row counted in its part');
+  assert.equal(byPart.get(unknownAt)!.skippedUnknown, 1, 'the unknown agent counted in its part');
+  assert.equal(byPart.get(invalidAt)!.skippedInvalid, 1, 'the invalid row counted in its part');
   const { rows } = await db.pool.query<{ n: string }>(
     'SELECT count(*) AS n FROM public.workspace_agents WHERE id = ANY($1::uuid[]) AND last_connected_at = $2', [known, at],
   );
@@ -154,8 +140,7 @@ test('more rows than the budget: each part merges its share, and `more` says cal
   assert.ok(Number(first.rows[0]!.rows_consumed) <= 40, `at most the budget (${first.rows[0]!.rows_consumed})`);
   assert.equal(first.rows[0]!.more, true);
   assert.ok(first.rows[0]!.parts_more.length > 0);
-  const state = await mergeState();
-  assert.ok(new Set(state.map((s) => s.last_merge_at.getTime())).size > 1, 'merged part by part');
+  assert.ok(new Set((await parts()).map((p) => p.lastMerge!.at.getTime())).size > 1, 'merged part by part');
   let calls = 1;
   for (let more = true; more; calls++) {
     const r = await db.pool.query<{ more: boolean }>('SELECT more FROM heartbeat.merge_agent_connections(max_rows => 40)');
