@@ -7,7 +7,7 @@
  * the upgrade from 1.0 under a running stager, pg_dump, DROP, `make dist`.
  */
 import assert from 'node:assert/strict';
-import { execFileSync, spawn, spawnSync } from 'node:child_process';
+import { execFileSync, spawnSync, type SpawnSyncReturns } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -179,18 +179,12 @@ describe('the extension build', () => {
       return;
     }
     const cluster = await startCluster();
-    let run: ReturnType<typeof spawnSync>;
+    let run: SpawnSyncReturns<string>;
     try {
       const url = new URL(cluster.url());
-      run = await new Promise<ReturnType<typeof spawnSync>>((resolve) => {
-        const child = spawn('make', ['-C', EXTENSION_DIR, 'installcheck'], {
-          env: { ...process.env, PGHOST: url.hostname, PGPORT: url.port, PGUSER: decodeURIComponent(url.username), PGDATABASE: 'postgres' },
-        });
-        let stdout = '';
-        let stderr = '';
-        child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-        child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-        child.on('close', (status) => resolve({ status, stdout, stderr } as ReturnType<typeof spawnSync>));
+      run = spawnSync('make', ['-C', EXTENSION_DIR, 'installcheck'], {
+        encoding: 'utf8',
+        env: { ...process.env, PGHOST: url.hostname, PGPORT: url.port, PGUSER: decodeURIComponent(url.username), PGDATABASE: 'postgres' },
       });
     } finally {
       await cluster.destroy();
